@@ -1,0 +1,40 @@
+"""tmcgraph: Tensor Monte Carlo inference over factor graphs.
+
+Declare a model and a proposal as graphs, draw K particles per latent, and get the TMC
+estimate of log p(x) as a planned log-space tensor contraction.
+"""
+
+from .errors import TMCGraphError
+from .graph import COUPLINGS, Model, Plate, Proposal
+from .sampling import Samples, bind_data, draw
+from .factors import Factor, build_factors
+from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
+from .contract import contract
+from .oracle import brute_force
+from .estimators import IWAE, TMC, VAE, Result, log_evidence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TMCGraphError",
+    "COUPLINGS",
+    "Model",
+    "Plate",
+    "Proposal",
+    "Samples",
+    "bind_data",
+    "draw",
+    "Factor",
+    "build_factors",
+    "Plan",
+    "plan_for",
+    "plan_cache_info",
+    "plan_cache_clear",
+    "contract",
+    "brute_force",
+    "TMC",
+    "IWAE",
+    "VAE",
+    "Result",
+    "log_evidence",
+]

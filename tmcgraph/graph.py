@@ -1,0 +1,412 @@
+"""Declaring a directed model P and a proposal Q as graphs.
+
+A :class:`Model` holds plates, latent and observed variables, each with a callable that
+maps parent values to a ``torch.distributions.Distribution``. Parents come from the
+callable's parameter names or from an explicit ``parents=[...]`` list. A
+:class:`Proposal` gives, for every latent of its model, a callable for Q whose parents
+may be other latents (non-factorised proposals) or observed variables (amortised
+proposals), a coupling that says how non-factorised samples are drawn, an optional
+per-variable number of particles, or marks the latent for exact enumeration.
+
+Both are ``torch.nn.Module``: callables that are modules are registered, so
+``.parameters()``, ``.to(device)`` and ``state_dict()`` work. ``.graph`` returns a
+``networkx.DiGraph`` to inspect or draw.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import networkx as nx
+import torch
+from torch import nn
+
+from .errors import TMCGraphError
+
+__all__ = ["Plate", "Variable", "Model", "Proposal", "COUPLINGS"]
+
+#: Ways of drawing K samples of a latent whose proposal has latent parents.
+COUPLINGS = ("paired", "mixture")
+
+
+@dataclass(frozen=True)
+class Plate:
+    """A named plate (conditionally independent repetition).
+
+    Attributes:
+        name: Plate name, used as ``plate=`` in declarations.
+        size: Number of elements, or ``None`` to take it from the data (minibatches).
+    """
+
+    name: str
+    size: Optional[int] = None
+
+
+@dataclass
+class Variable:
+    """One declared variable of a model or a proposal.
+
+    Attributes:
+        name: Variable name.
+        fn: Callable from parent values to a ``torch.distributions.Distribution``.
+        parents: Parent names, in the order ``fn`` receives them.
+        plates: Plate names, in the model's plate order.
+        kind: ``"latent"`` or ``"observed"`` (model), ``"proposal"`` (proposal).
+        by_keyword: Whether ``fn`` is called with keyword arguments.
+        coupling: Proposal only: ``"paired"`` or ``"mixture"``.
+        K: Proposal only: particles for this latent (``None``: the estimator's K).
+        enumerate: Proposal only: take the support as particles (exact marginalisation).
+        prior: Proposal only: the proposal is the model's prior for this latent.
+    """
+
+    name: str
+    fn: Optional[Callable]
+    parents: tuple
+    plates: tuple
+    kind: str
+    by_keyword: bool = True
+    coupling: str = "paired"
+    K: Optional[int] = None
+    enumerate: bool = False
+    prior: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def dist(self, values: dict) -> torch.distributions.Distribution:
+        """Call ``fn`` with the parent values taken from ``values``."""
+        args = [values[p] for p in self.parents]
+        try:
+            if self.by_keyword:
+                d = self.fn(**dict(zip(self.parents, args)))
+            else:
+                d = self.fn(*args)
+        except TMCGraphError:
+            raise
+        except Exception as e:  # re-raise with the variable and parent shapes
+            shapes = ", ".join(f"{p}: {tuple(getattr(v, 'shape', ()))}" for p, v in zip(self.parents, args))
+            raise TMCGraphError(
+                f"{self.kind} callable of {self.name!r} failed with parents ({shapes}): {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(d, torch.distributions.Distribution):
+            raise TMCGraphError(
+                f"{self.kind} callable of {self.name!r} returned {type(d).__name__}, "
+                "expected a torch.distributions.Distribution"
+            )
+        return d
+
+
+def _parents_of(name: str, fn: Callable, parents: Optional[Sequence[str]]):
+    """Parent names and calling convention of a declared callable."""
+    if parents is not None:
+        if isinstance(parents, str):
+            parents = [parents]
+        parents = tuple(parents)
+        if len(set(parents)) != len(parents):
+            raise TMCGraphError(f"variable {name!r} lists a parent twice: {parents}")
+        return parents, False
+    if not callable(fn):
+        raise TMCGraphError(f"variable {name!r}: expected a callable returning a distribution, got {fn!r}")
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError) as e:
+        raise TMCGraphError(f"variable {name!r}: cannot read parents from the callable; pass parents=[...]") from e
+    names = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TMCGraphError(
+                f"variable {name!r}: callable takes *args/**kwargs, so its parents are unknown; pass parents=[...]"
+            )
+        if p.default is not inspect.Parameter.empty:
+            continue  # defaulted parameters are configuration, not parents
+        names.append(p.name)
+    return tuple(names), True
+
+
+class _Declared(nn.Module):
+    """Common store of variables and registered module callables."""
+
+    def __init__(self):
+        super().__init__()
+        self._vars: dict[str, Variable] = {}
+        self.fns = nn.ModuleDict()
+
+    def _register(self, var: Variable):
+        if var.name in self._vars:
+            raise TMCGraphError(f"variable {var.name!r} is declared twice")
+        if not isinstance(var.name, str) or not var.name.isidentifier() or var.name.startswith("_"):
+            raise TMCGraphError(f"variable name {var.name!r} must be an identifier not starting with '_'")
+        self._vars[var.name] = var
+        if isinstance(var.fn, nn.Module):
+            self.fns[var.name] = var.fn
+
+    @property
+    def variables(self) -> dict:
+        """Declared variables by name, in declaration order."""
+        return dict(self._vars)
+
+    def __getitem__(self, name: str) -> Variable:
+        return self._vars[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._vars
+
+
+class Model(_Declared):
+    """A directed generative model P over latent and observed variables.
+
+    Example:
+        >>> from torch.distributions import Normal
+        >>> m = Model()
+        >>> m.plate("data", size=3)
+        >>> m.latent("theta", lambda: Normal(0., 1.))
+        >>> m.latent("z", lambda theta: Normal(theta, 1.), plate="data")
+        >>> m.observed("x", lambda z: Normal(z, 1.), plate="data")
+        >>> sorted(m.graph.edges)
+        [('theta', 'z'), ('z', 'x')]
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.plates: dict[str, Plate] = {}
+
+    def plate(self, name: str, size: Optional[int] = None) -> Plate:
+        """Declare a plate. ``size=None`` takes the size from the data (minibatches)."""
+        if name in self.plates:
+            raise TMCGraphError(f"plate {name!r} is declared twice")
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise TMCGraphError(f"plate name {name!r} must be an identifier not starting with '_'")
+        if size is not None and (int(size) != size or size < 1):
+            raise TMCGraphError(f"plate {name!r}: size must be a positive integer or None, got {size!r}")
+        p = Plate(name, None if size is None else int(size))
+        self.plates[name] = p
+        return p
+
+    def _plates(self, name: str, plate) -> tuple:
+        if plate is None:
+            return ()
+        plates = (plate,) if isinstance(plate, str) else tuple(plate)
+        for p in plates:
+            if p not in self.plates:
+                raise TMCGraphError(f"variable {name!r} uses undeclared plate {p!r}; declare it with model.plate()")
+        if len(set(plates)) != len(plates):
+            raise TMCGraphError(f"variable {name!r} lists plate twice: {plates}")
+        order = list(self.plates)
+        return tuple(sorted(plates, key=order.index))
+
+    def latent(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None) -> None:
+        """Declare a latent variable with conditional distribution ``fn(**parents)``.
+
+        Args:
+            name: Variable name.
+            fn: Callable returning a ``torch.distributions.Distribution``. Vector latents
+                use ``Independent``. Its batch shape broadcasts against
+                ``[sample dims..., plate sizes...]``.
+            plate: A plate name or a sequence of them (nested plates).
+            parents: Explicit parent names; default: ``fn``'s parameter names.
+        """
+        ps, kw = _parents_of(name, fn, parents)
+        self._register(Variable(name, fn, ps, self._plates(name, plate), "latent", kw))
+
+    def observed(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None) -> None:
+        """Declare an observed variable; its value comes from the data at inference time."""
+        ps, kw = _parents_of(name, fn, parents)
+        self._register(Variable(name, fn, ps, self._plates(name, plate), "observed", kw))
+
+    @property
+    def latents(self) -> list:
+        """Latent variable names in declaration order."""
+        return [n for n, v in self._vars.items() if v.kind == "latent"]
+
+    @property
+    def observed_names(self) -> list:
+        """Observed variable names in declaration order."""
+        return [n for n, v in self._vars.items() if v.kind == "observed"]
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The model as a ``networkx.DiGraph`` (node attributes ``kind`` and ``plates``)."""
+        g = nx.DiGraph()
+        for n, v in self._vars.items():
+            g.add_node(n, kind=v.kind, plates=v.plates)
+        for n, v in self._vars.items():
+            for p in v.parents:
+                g.add_edge(p, n)
+        return g
+
+    def validate(self) -> list:
+        """Check the model graph and return its topological order.
+
+        Raises:
+            TMCGraphError: unknown parents, cycles, or a variable outside a plate of one
+                of its parents.
+        """
+        for n, v in self._vars.items():
+            for p in v.parents:
+                if p not in self._vars:
+                    raise TMCGraphError(f"model variable {n!r} has unknown parent {p!r} (edge {p!r} -> {n!r})")
+                if not set(self._vars[p].plates) <= set(v.plates):
+                    missing = sorted(set(self._vars[p].plates) - set(v.plates))
+                    raise TMCGraphError(
+                        f"edge {p!r} -> {n!r}: {n!r} is outside plate(s) {missing} of its parent {p!r}; "
+                        "a variable must lie in every plate of its parents"
+                    )
+        g = self.graph
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            raise TMCGraphError("model graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
+        if not self.latents and not self.observed_names:
+            raise TMCGraphError("model declares no variables")
+        return list(nx.lexicographical_topological_sort(g, key=list(self._vars).index))
+
+
+class Proposal(_Declared):
+    """A proposal Q for the latents of a :class:`Model`.
+
+    Example:
+        >>> from torch.distributions import Normal
+        >>> m = Model(); m.latent("a", lambda: Normal(0., 1.))
+        >>> m.latent("b", lambda a: Normal(a, 1.)); m.observed("x", lambda b: Normal(b, 1.))
+        >>> q = Proposal(m)
+        >>> q.latent("a", lambda x: Normal(x / 3, 1.))           # amortised: depends on data
+        >>> q.latent("b", lambda a: Normal(a, 1.), coupling="mixture")  # non-factorised
+        >>> sorted(q.graph.edges)
+        [('a', 'b'), ('x', 'a')]
+    """
+
+    def __init__(self, model: Model):
+        super().__init__()
+        if not isinstance(model, Model):
+            raise TMCGraphError(f"Proposal needs a Model, got {type(model).__name__}")
+        # Keep the model out of the module tree: its parameters are its own.
+        object.__setattr__(self, "model", model)
+
+    def _check_name(self, name: str, plate):
+        m = self.model
+        if name not in m:
+            raise TMCGraphError(f"proposal for unknown variable {name!r}; the model's latents are {m.latents}")
+        if m[name].kind != "latent":
+            raise TMCGraphError(f"proposal for observed variable {name!r}; only latents get proposals")
+        if plate is not None:
+            plates = m._plates(name, plate)
+            if plates != m[name].plates:
+                raise TMCGraphError(
+                    f"proposal for {name!r} uses plates {plates} but the model declares {m[name].plates}"
+                )
+        return m[name].plates
+
+    def forward(self, fn: Callable):
+        """Run ``fn()``; lets ``torch.func.functional_call`` swap this proposal's parameters."""
+        return fn()
+
+    @staticmethod
+    def _check_K(name, K):
+        if K is not None and (int(K) != K or K < 1):
+            raise TMCGraphError(f"proposal for {name!r}: K must be a positive integer, got {K!r}")
+
+    def latent(
+        self,
+        name: str,
+        fn: Callable,
+        plate=None,
+        parents: Optional[Sequence[str]] = None,
+        coupling: str = "paired",
+        K: Optional[int] = None,
+    ) -> None:
+        """Declare Q for latent ``name``.
+
+        Args:
+            name: A latent of the model.
+            fn: Callable returning the proposal distribution; its parents may be latents
+                (sampled before this one) or observed variables.
+            plate: Optional, must match the model's plates for ``name``.
+            parents: Explicit parent names; default: ``fn``'s parameter names.
+            coupling: How K samples are drawn when Q has latent parents.
+                ``"paired"``: sample k uses parent sample k (needs equal K); its density
+                is Q(z^k | z_pa^k). ``"mixture"``: each sample picks a parent sample
+                uniformly at random; its density is (1/K) sum_j Q(z^k | z_pa^j).
+            K: Particles for this latent (default: the estimator's K).
+        """
+        plates = self._check_name(name, plate)
+        if coupling not in COUPLINGS:
+            raise TMCGraphError(f"proposal for {name!r}: coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self._check_K(name, K)
+        ps, kw = _parents_of(name, fn, parents)
+        self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K))
+
+    def prior(self, name: str, coupling: str = "paired", K: Optional[int] = None) -> None:
+        """Sample latent ``name`` from its prior P(z | parents) with the given coupling.
+
+        The prior is a proposal like any other: its density (for the coupling used)
+        stays in the denominator; it is never cancelled against P.
+        """
+        v = self.model[name] if name in self.model else None
+        self._check_name(name, None)
+        if coupling not in COUPLINGS:
+            raise TMCGraphError(f"proposal for {name!r}: coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self._check_K(name, K)
+        self._register(
+            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, coupling, K, prior=True)
+        )
+
+    def enumerate(self, name: str) -> None:
+        """Marginalise discrete latent ``name`` exactly (paper section 7.3).
+
+        Its particles are the support of the model's distribution (``enumerate_support``),
+        with a uniform proposal, so its factor is just log P(z | parents).
+        """
+        v = self.model[name] if name in self.model else None
+        self._check_name(name, None)
+        self._register(
+            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, "paired", None, enumerate=True)
+        )
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """Sampling graph of Q (enumerated latents depend on their model parents)."""
+        g = nx.DiGraph()
+        for n in self.model.latents:
+            g.add_node(n, kind="latent")
+        for n, v in self._vars.items():
+            for p in v.parents:
+                if p not in g:
+                    g.add_node(p, kind=self.model[p].kind if p in self.model else "unknown")
+                g.add_edge(p, n)
+        return g
+
+    def validate(self) -> list:
+        """Check the proposal against its model and return the sampling order.
+
+        Raises:
+            TMCGraphError: a latent without a proposal, unknown parents, plate
+                violations, or a cycle.
+        """
+        m = self.model
+        m.validate()
+        missing = [n for n in m.latents if n not in self._vars]
+        if missing:
+            raise TMCGraphError(
+                f"latent(s) {missing} have no proposal; declare q.latent(...), q.prior(...) or q.enumerate(...)"
+            )
+        for n, v in self._vars.items():
+            for p in v.parents:
+                if p not in m:
+                    raise TMCGraphError(f"proposal for {n!r} has unknown parent {p!r} (edge {p!r} -> {n!r})")
+                if not set(m[p].plates) <= set(v.plates):
+                    extra = sorted(set(m[p].plates) - set(v.plates))
+                    raise TMCGraphError(
+                        f"proposal edge {p!r} -> {n!r}: {n!r} is outside plate(s) {extra} of its parent {p!r}"
+                    )
+        g = self.graph
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            raise TMCGraphError("proposal graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
+        order = list(nx.lexicographical_topological_sort(g, key=list(m._vars).index))
+        return [n for n in order if n in self._vars]

@@ -1,0 +1,83 @@
+"""Brute-force reference: sum over every index combination with plates unrolled.
+
+This is the naive definition of the plated sum-product, with no elimination order:
+every (sample dim, plate element) pair becomes its own index, all ``prod K``
+combinations are enumerated, and the per-combination log-weights (a sum over factors
+and plate elements) are combined with one logsumexp. Exponential cost; for tests and
+tiny models only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+__all__ = ["brute_force", "MAX_COMBINATIONS"]
+
+#: Refuse to enumerate more combinations than this.
+MAX_COMBINATIONS = 2_000_000
+
+
+def brute_force(factors, levels: dict, keep=None) -> torch.Tensor:
+    """Log of the plated sum-product of ``factors`` by full enumeration.
+
+    Args:
+        factors: Objects with ``tensor`` (log values), ``dims`` and ``plates``.
+        levels: Sample dim -> plates it is local to.
+        keep: Optional plate to keep: returns a vector of per-element values.
+
+    Returns:
+        A scalar (or a vector over ``keep``), differentiable w.r.t. the factor tensors.
+    """
+    if keep is not None:
+        n = _sizes(factors)[keep]
+        outs = []
+        for i in range(n):
+            sliced = [_Slice(f, keep, i) for f in factors]
+            lv = {d: tuple(p for p in lvl if p != keep) for d, lvl in levels.items()}
+            outs.append(brute_force(sliced, lv))
+        return torch.stack(outs)
+    sizes = _sizes(factors)
+    # One index variable per (dim, element of the plates the dim is local to).
+    variables = []
+    for d in dict.fromkeys(d for f in factors for d in f.dims):
+        for e in itertools.product(*[range(sizes[p]) for p in levels[d]]):
+            variables.append((d, dict(zip(levels[d], e))))
+    total = math.prod(sizes[d] for d, _ in variables)
+    if total > MAX_COMBINATIONS:
+        raise ValueError(f"brute force would enumerate {total} combinations (> {MAX_COMBINATIONS})")
+    device = factors[0].tensor.device
+    grids = torch.cartesian_prod(*[torch.arange(sizes[d], device=device) for d, _ in variables]) \
+        if variables else torch.zeros(1, 0, dtype=torch.long, device=device)
+    if grids.dim() == 1:
+        grids = grids[:, None]
+    logw = torch.zeros(grids.shape[0], dtype=factors[0].tensor.dtype, device=device)
+    for f in factors:
+        for e in itertools.product(*[range(sizes[p]) for p in f.plates]):
+            elem = dict(zip(f.plates, e))
+            idx = []
+            for d in f.dims:
+                want = {p: elem[p] for p in levels[d]}
+                col = next(i for i, (dd, ee) in enumerate(variables) if dd == d and ee == want)
+                idx.append(grids[:, col])
+            logw = logw + f.tensor[tuple(idx) + tuple(e)]
+    return torch.logsumexp(logw, 0) if torch.isfinite(logw).any() else logw.max()
+
+
+def _sizes(factors) -> dict:
+    sizes = {}
+    for f in factors:
+        for name, n in zip(tuple(f.dims) + tuple(f.plates), f.tensor.shape):
+            sizes[name] = n
+    return sizes
+
+
+class _Slice:
+    """A factor restricted to element ``i`` of plate ``keep``."""
+
+    def __init__(self, f, keep, i):
+        self.dims = f.dims
+        self.plates = tuple(p for p in f.plates if p != keep)
+        self.tensor = f.tensor.select(len(f.dims) + f.plates.index(keep), i) if keep in f.plates else f.tensor

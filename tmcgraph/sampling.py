@@ -1,0 +1,316 @@
+"""Binding data and drawing K particles per latent from the proposal.
+
+Layout. A latent's particles are a tensor ``[K, *plate sizes, *event]``: one leading
+sample dim, then the variable's plates in the model's plate order. When a callable is
+evaluated, every input is *placed* into a local layout ``[sample dims..., plates...,
+event]`` in which each parent keeps its own sample dim (size K) and every other
+position is a singleton. Networks therefore see each parent sample once (cost linear
+in K, the paper's section 2.4) and broadcasting builds the K x K grid only in the
+log-density.
+
+Couplings for a latent whose proposal has latent parents (the paper's appendix 7.2;
+the density in the denominator is the one the sample was drawn from):
+
+* ``paired``: sample k is drawn from Q(. | z_pa^k); log q = log Q(z^k | z_pa^k).
+* ``mixture``: sample k draws a parent index j ~ U{1..K} per parent (and per plate
+  element), then z^k ~ Q(. | z_pa^j); log q = log (1/K) sum_j Q(z^k | z_pa^j).
+* enumeration: the particles are the support, log q = -log |support|.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .errors import TMCGraphError
+from .graph import Model, Proposal
+
+__all__ = ["Samples", "bind_data", "place", "draw", "check_batch_shape", "SHARED_DIM"]
+
+#: Name of the single sample dim shared by all sampled latents in IWAE mode.
+SHARED_DIM = "_shared"
+
+
+@dataclass
+class Samples:
+    """Particles drawn from a proposal, with their bookkeeping.
+
+    Attributes:
+        values: Latent name -> particles ``[K, *plate sizes, *event]``.
+        dims: Latent name -> name of its sample dim.
+        sizes: Sample dim name -> number of particles.
+        levels: Sample dim name -> plates it is local to (one index set per element).
+        log_q: Latent name -> ``[K, *plate sizes]`` log density each particle was drawn from.
+        data: Observed name -> data tensor ``[*plate sizes, *event]``.
+        plate_sizes: Plate name -> size.
+        plates: Variable name -> its plates.
+        order: Sampling order.
+    """
+
+    values: dict
+    dims: dict
+    sizes: dict
+    levels: dict
+    log_q: dict
+    data: dict
+    plate_sizes: dict
+    plates: dict = field(default_factory=dict)
+    order: list = field(default_factory=list)
+
+    def dims_of(self, name: str) -> tuple:
+        """Sample dims carried by variable ``name`` itself (empty for observed)."""
+        return (self.dims[name],) if name in self.dims else ()
+
+    def value(self, name: str) -> torch.Tensor:
+        """Particles of a latent or the data of an observed variable."""
+        return self.values[name] if name in self.values else self.data[name]
+
+
+def bind_data(model: Model, data: dict, device=None, dtype=None):
+    """Validate observed data and infer plate sizes.
+
+    Args:
+        model: The model.
+        data: Observed name -> tensor ``[*plate sizes, *event]``.
+        device: Optional device to move data to.
+        dtype: Optional floating dtype for floating data.
+
+    Returns:
+        ``(data, plate_sizes)`` with tensors converted and sizes of every plate.
+
+    Raises:
+        TMCGraphError: missing or extra data, non-finite values, plate size mismatch.
+    """
+    if not isinstance(data, dict):
+        raise TMCGraphError(f"data must be a dict of observed name -> tensor, got {type(data).__name__}")
+    obs = model.observed_names
+    missing = [n for n in obs if n not in data]
+    if missing:
+        raise TMCGraphError(f"no data for observed variable(s) {missing}")
+    extra = [n for n in data if n not in obs]
+    if extra:
+        kinds = {n: ("a latent" if n in model else "not in the model") for n in extra}
+        raise TMCGraphError(f"data for variable(s) that are not observed: {kinds}")
+    sizes = {p.name: p.size for p in model.plates.values()}
+    seen = {}
+    out = {}
+    for n in obs:
+        x = data[n]
+        if not torch.is_tensor(x):
+            x = torch.as_tensor(x)
+        if device is not None:
+            x = x.to(device)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        if x.is_floating_point() or x.is_complex():
+            if not bool(torch.isfinite(x).all()):
+                bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+                raise TMCGraphError(f"data for {n!r} has non-finite values (first at index {bad})")
+        plates = model[n].plates
+        if x.dim() < len(plates):
+            raise TMCGraphError(
+                f"data for {n!r} has shape {tuple(x.shape)} but lies in plates {plates}: "
+                f"expected leading dims [{', '.join(plates)}]"
+            )
+        for i, p in enumerate(plates):
+            s = int(x.shape[i])
+            if sizes[p] is not None and sizes[p] != s:
+                src = f"data for {seen[p]!r}" if p in seen else "its declaration"
+                raise TMCGraphError(
+                    f"data for {n!r} has size {s} along plate {p!r} (dim {i}, shape {tuple(x.shape)}) "
+                    f"but {src} gives size {sizes[p]}"
+                )
+            sizes[p] = s
+            seen.setdefault(p, n)
+        out[n] = x
+    unknown = [p for p, s in sizes.items() if s is None]
+    if unknown:
+        raise TMCGraphError(f"size of plate(s) {unknown} is unknown: declare size= or give data in them")
+    return out, sizes
+
+
+def place(t: torch.Tensor, t_dims: tuple, t_plates: tuple, dims: tuple, plates: tuple) -> torch.Tensor:
+    """Reshape ``t`` (``[*t_dims, *t_plates, *event]``) into the layout ``[*dims, *plates, *event]``.
+
+    Positions ``t`` lacks become singletons. ``t_plates`` must be a subsequence of
+    ``plates`` and ``t_dims`` (at most one dim) must be in ``dims``.
+    """
+    lead = len(t_dims) + len(t_plates)
+    shape = []
+    for d in dims:
+        shape.append(t.shape[t_dims.index(d)] if d in t_dims else 1)
+    for p in plates:
+        shape.append(t.shape[len(t_dims) + t_plates.index(p)] if p in t_plates else 1)
+    return t.reshape(shape + list(t.shape[lead:]))
+
+
+def check_batch_shape(name: str, role: str, d, target: list, labels: list) -> None:
+    """Raise unless ``d.batch_shape`` broadcasts (right-aligned) to ``target``."""
+    bs = tuple(d.batch_shape)
+    ok = len(bs) <= len(target) and all(
+        b in (1, t) for b, t in zip(bs[::-1], target[::-1])
+    )
+    if not ok:
+        want = ", ".join(f"{lab}={t}" for lab, t in zip(labels, target))
+        raise TMCGraphError(
+            f"{role} distribution of {name!r} has batch shape {bs} (event shape {tuple(d.event_shape)}); "
+            f"expected a shape broadcastable to [{want}] (sample dims, then plates)"
+        )
+
+
+def _inputs(var, samples: Samples, dims: tuple, plates: tuple, rename: Optional[dict] = None) -> dict:
+    """Parent values of ``var`` placed into the layout ``[*dims, *plates, ...]``.
+
+    ``rename`` maps a parent to a tensor and dim that replace its particles (paired
+    and gathered mixture parents).
+    """
+    vals = {}
+    for p in var.parents:
+        if rename and p in rename:
+            t, tdim = rename[p]
+            vals[p] = place(t, (tdim,), plates, dims, plates)
+        elif p in samples.values:
+            vals[p] = place(samples.values[p], samples.dims_of(p), samples.plates[p], dims, plates)
+        else:
+            vals[p] = place(samples.data[p], (), samples.plates[p], dims, plates)
+    return vals
+
+
+def _draw_one(d, shape: torch.Size):
+    d = d.expand(shape)
+    return d.rsample() if d.has_rsample else d.sample()
+
+
+def draw(
+    model: Model,
+    proposal: Proposal,
+    data: dict,
+    K: int,
+    shared: bool = False,
+    device=None,
+    dtype=None,
+    detach_proposal: bool = False,
+) -> Samples:
+    """Draw particles for every latent in the proposal's topological order.
+
+    Args:
+        model: The model P.
+        proposal: The proposal Q.
+        data: Observed name -> tensor.
+        K: Default number of particles per latent.
+        shared: IWAE mode: all sampled latents share one sample dim of size ``K``
+            (joint samples, so every non-factorised proposal is paired).
+        device: Optional device for data.
+        dtype: Optional floating dtype for data.
+        detach_proposal: Evaluate ``log_q`` with the proposal's parameters detached
+            (sticking-the-landing, Roeder et al. 2017): gradients reach the proposal
+            only through the reparameterised particles. Parameters must be registered
+            on the proposal (``nn.Module`` callables).
+
+    Returns:
+        The :class:`Samples`.
+    """
+    if int(K) != K or K < 1:
+        raise TMCGraphError(f"K must be a positive integer, got {K!r}")
+    order = proposal.validate()
+    data, plate_sizes = bind_data(model, data, device, dtype)
+    s = Samples({}, {}, {}, {}, {}, data, plate_sizes)
+    s.plates = {n: v.plates for n, v in model.variables.items()}
+    s.order = order
+    for name in order:
+        q = proposal[name]
+        plates = q.plates
+        pshape = [plate_sizes[p] for p in plates]
+        if q.enumerate:
+            _enumerate(name, model[name], s, plates, pshape)
+            continue
+        Kc = int(K) if shared else int(q.K or K)
+        dim = SHARED_DIM if shared else name
+        if shared and q.K is not None and q.K != K:
+            raise TMCGraphError(f"IWAE shares one sample dim of size K={K}; proposal for {name!r} sets K={q.K}")
+        latent_parents = [p for p in q.parents if p in s.values]
+        coupling = "paired" if (shared or not latent_parents) else q.coupling
+        rename = {}
+        if coupling == "paired":
+            for p in latent_parents:
+                Kp = s.values[p].shape[0]
+                if s.dims[p] != dim and Kp != Kc:
+                    raise TMCGraphError(
+                        f"paired coupling on edge {p!r} -> {name!r} needs equal K, got K[{p}]={Kp}, K[{name}]={Kc}; "
+                        "use coupling='mixture' or equal K"
+                    )
+                if s.dims[p] != dim:
+                    rename[p] = (_expand_plates(s, p, plates, pshape), dim)
+        else:
+            for p in latent_parents:
+                Kp = s.values[p].shape[0]
+                idx = torch.randint(Kp, (Kc, *pshape), device=s.values[p].device)
+                rename[p] = (_gather(_expand_plates(s, p, plates, pshape), idx), dim)
+        dims = (dim,)
+        d = q.dist(_inputs(q, s, dims, plates, rename))
+        check_batch_shape(name, "proposal", d, [Kc] + pshape, [f"K[{dim}]"] + list(plates))
+        z = _draw_one(d, torch.Size([Kc] + pshape))
+        if coupling == "mixture":
+            # Density of the mixture the sample came from: average over every parent sample.
+            pdims = tuple(dict.fromkeys(s.dims[p] for p in latent_parents))
+            gdims = (dim,) + pdims
+            zg = place(z, (dim,), plates, gdims, plates)
+            lg = _with_params(proposal, detach_proposal, lambda: q.dist(_inputs(q, s, gdims, plates)).log_prob(zg))
+            red = list(range(1, 1 + len(pdims)))
+            log_q = torch.logsumexp(lg, dim=red) - sum(math.log(s.sizes[pd]) for pd in pdims)
+        elif detach_proposal:
+            inputs = _inputs(q, s, dims, plates, rename)
+            log_q = _with_params(proposal, True, lambda: q.dist(inputs).expand(torch.Size([Kc] + pshape)).log_prob(z))
+        else:
+            log_q = d.expand(torch.Size([Kc] + pshape)).log_prob(z)
+        s.values[name] = z
+        s.dims[name] = dim
+        s.sizes[dim] = Kc
+        s.levels[dim] = () if shared else plates
+        s.log_q[name] = log_q
+    return s
+
+
+def _with_params(proposal: Proposal, detach: bool, fn):
+    """Run ``fn()``, with the proposal's parameters and buffers detached if ``detach``."""
+    if not detach:
+        return fn()
+    state = {k: v.detach() for k, v in list(proposal.named_parameters()) + list(proposal.named_buffers())}
+    return torch.func.functional_call(proposal, state, (fn,))
+
+
+def _expand_plates(s: Samples, p: str, plates: tuple, pshape: list) -> torch.Tensor:
+    """Particles of ``p`` broadcast to the child's plates: ``[K_p, *pshape, *event]``."""
+    v = s.values[p]
+    t = place(v, (s.dims[p],), s.plates[p], (s.dims[p],), plates)
+    return t.expand(v.shape[0], *pshape, *t.shape[1 + len(plates):])
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out[k, e...] = t[idx[k, e], e...]`` along dim 0 (event dims carried along)."""
+    ev = t.dim() - idx.dim()
+    full = idx.reshape(*idx.shape, *([1] * ev)).expand(idx.shape[0], *t.shape[1:])
+    return torch.gather(t, 0, full)
+
+
+def _enumerate(name, mvar, s: Samples, plates, pshape):
+    """Particles of an enumerated latent: its support, shared by every plate element."""
+    pdims = tuple(dict.fromkeys(s.dims[p] for p in mvar.parents if p in s.dims))
+    d = mvar.dist(_inputs(mvar, s, pdims, plates))
+    if not d.has_enumerate_support:
+        raise TMCGraphError(
+            f"latent {name!r} is marked for enumeration but {type(d).__name__} has no enumerable support"
+        )
+    sup = d.enumerate_support(expand=False)
+    n = sup.shape[0]
+    ev = tuple(d.event_shape)
+    sup = sup.reshape(n, *ev)
+    z = sup.reshape(n, *([1] * len(plates)), *ev).expand(n, *pshape, *ev)
+    s.values[name] = z
+    s.dims[name] = name
+    s.sizes[name] = n
+    s.levels[name] = plates
+    s.log_q[name] = torch.full((n, *pshape), -math.log(n), dtype=torch.get_default_dtype(), device=sup.device)
