@@ -67,7 +67,7 @@ class Variable:
     plates: tuple
     kind: str
     by_keyword: bool = True
-    coupling: str = "paired"
+    coupling: str = "mixture"
     K: Optional[int] = None
     enumerate: bool = False
     prior: bool = False
@@ -314,7 +314,7 @@ class Proposal(_Declared):
         fn: Callable,
         plate=None,
         parents: Optional[Sequence[str]] = None,
-        coupling: str = "paired",
+        coupling: str = "mixture",
         K: Optional[int] = None,
     ) -> None:
         """Declare Q for latent ``name``.
@@ -326,9 +326,12 @@ class Proposal(_Declared):
             plate: Optional, must match the model's plates for ``name``.
             parents: Explicit parent names; default: ``fn``'s parameter names.
             coupling: How K samples are drawn when Q has latent parents.
-                ``"paired"``: sample k uses parent sample k (needs equal K); its density
-                is Q(z^k | z_pa^k). ``"mixture"``: each sample picks a parent sample
-                uniformly at random; its density is (1/K) sum_j Q(z^k | z_pa^j).
+                ``"mixture"`` (default): each sample picks a parent sample uniformly at
+                random; its density is (1/K) sum_j Q(z^k | z_pa^j), so every
+                combination of particles carries weight. ``"paired"``: sample k uses
+                parent sample k (needs equal K); its density is Q(z^k | z_pa^k); cheaper,
+                but in TMC only consistent index paths carry weight, so tightly coupled
+                chains lose most of the K^n combinations.
             K: Particles for this latent (default: the estimator's K).
         """
         plates = self._check_name(name, plate)
@@ -338,7 +341,7 @@ class Proposal(_Declared):
         ps, kw = _parents_of(name, fn, parents)
         self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K))
 
-    def prior(self, name: str, coupling: str = "paired", K: Optional[int] = None) -> None:
+    def prior(self, name: str, coupling: str = "mixture", K: Optional[int] = None) -> None:
         """Sample latent ``name`` from its prior P(z | parents) with the given coupling.
 
         The prior is a proposal like any other: its density (for the coupling used)
