@@ -399,10 +399,11 @@ class Proposal(_Declared):
             for p in v.parents:
                 if p not in m:
                     raise TMCGraphError(f"proposal for {n!r} has unknown parent {p!r} (edge {p!r} -> {n!r})")
-                if not set(m[p].plates) <= set(v.plates):
+                if not set(m[p].plates) <= set(v.plates) and m[p].kind != "observed":
                     extra = sorted(set(m[p].plates) - set(v.plates))
                     raise TMCGraphError(
-                        f"proposal edge {p!r} -> {n!r}: {n!r} is outside plate(s) {extra} of its parent {p!r}"
+                        f"proposal edge {p!r} -> {n!r}: {n!r} is outside plate(s) {extra} of its latent parent {p!r} "
+                        "(only observed parents may lie in extra plates: they arrive as trailing dims)"
                     )
         g = self.graph
         try:

@@ -135,10 +135,21 @@ def bind_data(model: Model, data: dict, device=None, dtype=None):
 def place(t: torch.Tensor, t_dims: tuple, t_plates: tuple, dims: tuple, plates: tuple) -> torch.Tensor:
     """Reshape ``t`` (``[*t_dims, *t_plates, *event]``) into the layout ``[*dims, *plates, *event]``.
 
-    Positions ``t`` lacks become singletons. ``t_plates`` must be a subsequence of
-    ``plates`` and ``t_dims`` (at most one dim) must be in ``dims``.
+    Positions ``t`` lacks become singletons. ``t_dims`` (at most one dim) must be in
+    ``dims``. Plates of ``t`` missing from ``plates`` become trailing dims in front of
+    the event dims (in ``t``'s plate order).
     """
     lead = len(t_dims) + len(t_plates)
+    extra = [p for p in t_plates if p not in plates]
+    if extra:
+        # Plates of ``t`` outside the target (observed data in deeper plates seen by a
+        # proposal) move behind the target plates and travel with the event dims.
+        nd = len(t_dims)
+        inner = [nd + i for i, p in enumerate(t_plates) if p in plates]
+        outer = [nd + i for i, p in enumerate(t_plates) if p not in plates]
+        t = t.permute(list(range(nd)) + inner + outer + list(range(lead, t.dim())))
+        t_plates = tuple(p for p in t_plates if p in plates)
+        lead = nd + len(t_plates)
     shape = []
     for d in dims:
         shape.append(t.shape[t_dims.index(d)] if d in t_dims else 1)
@@ -202,7 +213,8 @@ def draw(
         data: Observed name -> tensor.
         K: Default number of particles per latent.
         shared: IWAE mode: all sampled latents share one sample dim of size ``K``
-            (joint samples, so every non-factorised proposal is paired).
+            (joint samples, so every non-factorised proposal is paired), local to the
+            plates every sampled latent lies in (per data point when no latent is global).
         device: Optional device for data.
         dtype: Optional floating dtype for data.
         detach_proposal: Evaluate ``log_q`` with the proposal's parameters detached
@@ -220,6 +232,9 @@ def draw(
     s = Samples({}, {}, {}, {}, {}, data, plate_sizes)
     s.plates = {n: v.plates for n, v in model.variables.items()}
     s.order = order
+    # IWAE: one joint sample index per element of the plates every sampled latent shares.
+    sampled = [proposal[n].plates for n in order if not proposal[n].enumerate]
+    shared_level = tuple(p for p in model.plates if all(p in pl for pl in sampled)) if sampled else ()
     for name in order:
         q = proposal[name]
         plates = q.plates
@@ -269,7 +284,7 @@ def draw(
         s.values[name] = z
         s.dims[name] = dim
         s.sizes[dim] = Kc
-        s.levels[dim] = () if shared else plates
+        s.levels[dim] = shared_level if shared else plates
         s.log_q[name] = log_q
     return s
 
