@@ -12,6 +12,7 @@ from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
 from .contract import contract
 from .oracle import brute_force
 from .estimators import IWAE, TMC, VAE, Result, log_evidence
+from . import toys
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "VAE",
     "Result",
     "log_evidence",
+    "toys",
 ]

@@ -1,0 +1,30 @@
+"""The core example runs end to end with tiny arguments, and its JSON is well formed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_gaussian_toy_example_json():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gaussian_toy.py"), "--N", "8", "--K", "16", "--reps", "3",
+         "--json", "--threads", "1"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(res) >= {"exact", "tmc", "iwae"}
+    for k in ("tmc", "iwae"):
+        assert set(res[k]) >= {"mean", "std", "values", "median_time_s"}
+        assert len(res[k]["values"]) == 3
+    # TMC at K=16 is already close at N=8 and never above the truth by much (a lower bound in expectation)
+    assert res["tmc"]["mean"] == pytest.approx(res["exact"], abs=3.0)
+
+
+def test_gaussian_toy_example_rejects_bad_arguments():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "gaussian_toy.py"), "--K", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "must be a positive integer" in out.stderr
