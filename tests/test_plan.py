@@ -67,3 +67,13 @@ def test_seed_does_not_disturb_global_rng():
     tg.TMC(m, q, K=4).log_evidence({"x": x}, seed=7)
     b = torch.rand(3)
     assert torch.equal(a, b)
+
+
+def test_generator_makes_sampling_reproducible():
+    m, q = gaussian_toy(4)
+    x = {"x": gaussian_toy_data(4)}
+    est = tg.TMC(m, q, K=4)
+    a = est.log_evidence(x, seed=torch.Generator().manual_seed(5))
+    b = est.log_evidence(x, seed=torch.Generator().manual_seed(5))
+    c = est.log_evidence(x, seed=torch.Generator().manual_seed(6))
+    assert float(a) == float(b) != float(c)

@@ -113,6 +113,8 @@ class TMC:
     def _context(self, seed=None):
         prev = torch.get_default_dtype()
         with contextlib.ExitStack() as stack:
+            if isinstance(seed, torch.Generator):
+                seed = int(torch.randint(0, 2**62, (), generator=seed))
             if seed is not None:
                 devices = [self.device] if self.device is not None and self.device.type == "cuda" else []
                 stack.enter_context(torch.random.fork_rng(devices=devices))
@@ -162,7 +164,8 @@ class TMC:
 
         Args:
             data: Observed name -> tensor ``[*plate sizes, *event]``.
-            seed: Seed for reproducible sampling (global RNG state is restored).
+            seed: An int or a ``torch.Generator`` for reproducible sampling (the
+                global RNG state is restored afterwards).
             elementwise: ``False`` for the scalar; ``True`` (outermost plate) or a plate
                 name for per-element values (no latent may lie outside that plate).
             samples: Reuse these particles instead of sampling.
