@@ -106,7 +106,11 @@ def build_factors(model: Model, samples: Samples) -> list:
             if folded.get(own[0]) == name:
                 lp = lp - math.log(s.sizes[own[0]])
         out.append(Factor(name, lp, dims, plates))
-    return out
+    # One floating dtype for the whole contraction (e.g. float32 priors with float64 data).
+    dtype = out[0].tensor.dtype
+    for f in out[1:]:
+        dtype = torch.promote_types(dtype, f.tensor.dtype)
+    return [f if f.tensor.dtype == dtype else Factor(f.name, f.tensor.to(dtype), f.dims, f.plates) for f in out]
 
 
 def describe(factors: list) -> str:
