@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lingauss import LinearGaussian
 from torch.distributions import Categorical, Independent, Normal
 
 import tmcgraph as tg
-
-from lingauss import LinearGaussian
 
 PI = [0.5, 0.3, 0.2]
 A = [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.25, 0.25, 0.5]]

@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
+from lingauss import LinearGaussian
 from torch.distributions import Normal
 
 import tmcgraph as tg
 from tmcgraph.factors import Factor
 from tmcgraph.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
-
-from lingauss import LinearGaussian
 
 R = 3000
 

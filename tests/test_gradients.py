@@ -129,3 +129,19 @@ def test_networks_see_each_parent_sample_once(f64):
     K = 50
     tg.TMC(m, q, K=K).log_evidence({"x": torch.tensor(0.3)}, seed=0)
     assert seen and max(seen) <= K
+
+
+def test_mixture_density_when_proposal_ignores_a_parent(f64):
+    """A mixture proposal that does not use its parent has density Q(z) exactly (no stray log K)."""
+    m = tg.Model()
+    m.latent("a", lambda: Normal(0.0, 1.0))
+    m.latent("b", lambda a: Normal(a, 1.0))
+    m.observed("x", lambda b: Normal(b, 1.0))
+    q = tg.Proposal(m)
+    q.latent("a", lambda: Normal(0.0, 1.0))
+    q.latent("b", lambda a: Normal(0.3, 1.5), coupling="mixture")
+    r = tg.TMC(m, q, K=5).run({"x": torch.tensor(0.2)}, seed=0)
+    torch.testing.assert_close(r.samples.log_q["b"], Normal(0.3, 1.5).log_prob(r.samples.values["b"]))
+    for detach in (False, True):
+        lq = tg.sampling.proposal_log_q(q, r.samples, "b", detach_params=detach)
+        torch.testing.assert_close(lq, r.samples.log_q["b"])

@@ -4,15 +4,17 @@ Declare a model and a proposal as graphs, draw K particles per latent, and get t
 estimate of log p(x) as a planned log-space tensor contraction.
 """
 
-from .errors import TMCGraphError
-from .graph import COUPLINGS, Model, Plate, Proposal
-from .sampling import Samples, bind_data, draw
-from .factors import Factor, build_factors
-from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
+from . import queries, rws, toys
 from .contract import contract
-from .oracle import brute_force
+from .errors import TMCGraphError
 from .estimators import IWAE, TMC, VAE, Result, log_evidence
-from . import toys
+from .factors import Factor, build_factors
+from .graph import COUPLINGS, Model, Plate, Proposal
+from .oracle import brute_force
+from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
+from .queries import Posterior, posterior, predictive_log_likelihood
+from .rws import RWS
+from .sampling import Samples, bind_data, draw, proposal_log_q
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "Samples",
     "bind_data",
     "draw",
+    "proposal_log_q",
     "Factor",
     "build_factors",
     "Plan",
@@ -39,4 +42,10 @@ __all__ = [
     "Result",
     "log_evidence",
     "toys",
+    "queries",
+    "rws",
+    "Posterior",
+    "posterior",
+    "predictive_log_likelihood",
+    "RWS",
 ]

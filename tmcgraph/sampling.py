@@ -28,7 +28,7 @@ import torch
 from .errors import TMCGraphError
 from .graph import Model, Proposal
 
-__all__ = ["Samples", "bind_data", "place", "draw", "check_batch_shape", "SHARED_DIM"]
+__all__ = ["Samples", "bind_data", "place", "draw", "proposal_log_q", "check_batch_shape", "SHARED_DIM"]
 
 #: Name of the single sample dim shared by all sampled latents in IWAE mode.
 SHARED_DIM = "_shared"
@@ -268,25 +268,67 @@ def draw(
         d = q.dist(_inputs(q, s, dims, plates, rename))
         check_batch_shape(name, "proposal", d, [Kc] + pshape, [f"K[{dim}]"] + list(plates))
         z = _draw_one(d, torch.Size([Kc] + pshape))
-        if coupling == "mixture":
-            # Density of the mixture the sample came from: average over every parent sample.
-            pdims = tuple(dict.fromkeys(s.dims[p] for p in latent_parents))
-            gdims = (dim,) + pdims
-            zg = place(z, (dim,), plates, gdims, plates)
-            lg = _with_params(proposal, detach_proposal, lambda: q.dist(_inputs(q, s, gdims, plates)).log_prob(zg))
-            red = list(range(1, 1 + len(pdims)))
-            log_q = torch.logsumexp(lg, dim=red) - sum(math.log(s.sizes[pd]) for pd in pdims)
-        elif detach_proposal:
-            inputs = _inputs(q, s, dims, plates, rename)
-            log_q = _with_params(proposal, True, lambda: q.dist(inputs).expand(torch.Size([Kc] + pshape)).log_prob(z))
+        if coupling == "paired" and not detach_proposal:
+            log_q = d.expand(torch.Size([Kc] + pshape)).log_prob(z)  # reuse the sampling distribution
         else:
-            log_q = d.expand(torch.Size([Kc] + pshape)).log_prob(z)
+            log_q = _log_q(proposal, s, name, z, dim, coupling, detach_proposal)
         s.values[name] = z
         s.dims[name] = dim
         s.sizes[dim] = Kc
         s.levels[dim] = shared_level if shared else plates
         s.log_q[name] = log_q
     return s
+
+
+def _log_q(proposal: Proposal, s: Samples, name: str, z: torch.Tensor, dim: str, coupling: str, detach: bool):
+    """Log density of particles ``z`` of ``name`` under the coupling they were drawn with."""
+    q = proposal[name]
+    plates = q.plates
+    pshape = [s.plate_sizes[p] for p in plates]
+    latent_parents = [p for p in q.parents if p in s.values and p != name]
+    K = z.shape[0]
+    if coupling == "paired":
+        rename = {p: (_expand_plates(s, p, plates, pshape), dim) for p in latent_parents if s.dims[p] != dim}
+        inputs = _inputs(q, s, (dim,), plates, rename)
+        return _with_params(proposal, detach, lambda: q.dist(inputs).expand(torch.Size([K] + pshape)).log_prob(z))
+    # Mixture: average the density over every particle of every latent parent.
+    pdims = tuple(dict.fromkeys(s.dims[p] for p in latent_parents))
+    gdims = (dim,) + pdims
+    zg = place(z, (dim,), plates, gdims, plates)
+    lg = _with_params(proposal, detach, lambda: q.dist(_inputs(q, s, gdims, plates)).log_prob(zg))
+    lg = lg.expand([K] + [s.sizes[pd] for pd in pdims] + pshape)  # Q may ignore a parent
+    red = list(range(1, 1 + len(pdims)))
+    return torch.logsumexp(lg, dim=red) - sum(math.log(s.sizes[pd]) for pd in pdims)
+
+
+def proposal_log_q(proposal: Proposal, samples: Samples, name: str, shared: bool = False,
+                   detach_params: bool = False) -> torch.Tensor:
+    """Re-evaluate ``log q`` of the particles of latent ``name`` (as recorded by :func:`draw`).
+
+    The density is the one the particles were drawn from: Q(z^k | z_pa^k) for paired
+    coupling (and proposals without latent parents), (1/prod K_pa) sum_j Q(z^k | z_pa^j)
+    for the mixture coupling, -log |support| for enumerated latents. Gradients flow to
+    the proposal's parameters (unless ``detach_params``) and to whatever the particles
+    in ``samples`` carry; detach them first for score-function objectives.
+
+    Args:
+        proposal: The proposal that drew ``samples``.
+        samples: The particles.
+        name: A latent.
+        shared: Whether the samples were drawn in IWAE mode (joint, paired).
+        detach_params: Evaluate with the proposal's parameters detached.
+
+    Returns:
+        ``[K, *plate sizes]`` log densities.
+    """
+    if name not in samples.values:
+        raise TMCGraphError(f"unknown latent {name!r}; the latents are {list(samples.values)}")
+    q = proposal[name]
+    if q.enumerate:
+        return samples.log_q[name]
+    latent_parents = [p for p in q.parents if p in samples.values]
+    coupling = "paired" if (shared or not latent_parents) else q.coupling
+    return _log_q(proposal, samples, name, samples.values[name], samples.dims[name], coupling, detach_params)
 
 
 def _with_params(proposal: Proposal, detach: bool, fn):
