@@ -15,6 +15,7 @@ from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
 from .queries import Posterior, posterior, predictive_log_likelihood
 from .rws import RWS
 from .sampling import Samples, bind_data, draw, proposal_log_q
+from .smc import SMC, SMCResult
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,6 @@ __all__ = [
     "posterior",
     "predictive_log_likelihood",
     "RWS",
+    "SMC",
+    "SMCResult",
 ]

@@ -171,7 +171,7 @@ class Model(_Declared):
         super().__init__()
         self.plates: dict[str, Plate] = {}
 
-    def plate(self, name: str, size: Optional[int] = None) -> Plate:
+    def plate(self, name: str, size: Optional[int] = None) -> None:
         """Declare a plate. ``size=None`` takes the size from the data (minibatches)."""
         if name in self.plates:
             raise TMCGraphError(f"plate {name!r} is declared twice")
@@ -179,9 +179,7 @@ class Model(_Declared):
             raise TMCGraphError(f"plate name {name!r} must be an identifier not starting with '_'")
         if size is not None and (int(size) != size or size < 1):
             raise TMCGraphError(f"plate {name!r}: size must be a positive integer or None, got {size!r}")
-        p = Plate(name, None if size is None else int(size))
-        self.plates[name] = p
-        return p
+        self.plates[name] = Plate(name, None if size is None else int(size))
 
     def _plates(self, name: str, plate) -> tuple:
         if plate is None:
