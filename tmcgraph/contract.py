@@ -1,15 +1,78 @@
-"""Executing a :class:`~tmcgraph.plan.Plan` on log-factor tensors in log space."""
+"""Executing a :class:`~tmcgraph.plan.Plan` on log-factor tensors in log space.
+
+Each step runs its compiled pairwise program (see :func:`tmcgraph.backends.log.compile_pair`)
+on the step's inputs; a sliced step (memory limit) runs once per value of its sliced
+indices on views of the inputs and sums the results in log space, checkpointing each
+slice under autograd so that saved activations stay within the limit too.
+"""
 
 from __future__ import annotations
 
-import torch
+import functools
+import itertools
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .backends.log import compile_pair, logsumexp
 from .plan import Plan
 
 __all__ = ["contract", "BACKEND"]
 
-#: The opt_einsum backend module used for every step (log-space sum-product).
+#: The opt_einsum backend module implementing the log-space sum-product semiring.
 BACKEND = "tmcgraph.backends.log"
+
+
+class _Reduce:
+    """Sum out indices of one operand and permute to ``out``."""
+
+    def __init__(self, term, out):
+        self.drop = [i for i, c in enumerate(term) if c not in out]
+        kept = [c for c in term if c in out]
+        self.perm = None if "".join(kept) == out else [kept.index(c) for c in out]
+
+    def __call__(self, x):
+        if self.drop:
+            x = logsumexp(x, self.drop)
+        return x if self.perm is None else x.permute(self.perm)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(program):
+    """``(a, b, op, free)`` per operation of a plan step's program (ops compiled once)."""
+    return tuple((a, b, _Reduce(ta, to) if b is None else compile_pair(ta, tb, to), free)
+                 for a, b, ta, tb, to, free in program)
+
+
+def _run(program, args):
+    slots = list(args)
+    del args
+    for a, b, op, free in _compiled(program):
+        r = op(slots[a]) if b is None else op(slots[a], slots[b])
+        for i in free:
+            slots[i] = None
+        slots.append(r)
+    return slots[-1]
+
+
+def _run_sliced(step, args):
+    names = [n for n, _, _ in step.sliced]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    acc = None
+    for values in itertools.product(*(range(n) for _, n, _ in step.sliced)):
+        part = list(args)
+        for (_, _, axes), v in zip(step.sliced, values):
+            for i, ax in enumerate(axes):
+                if ax is not None:
+                    part[i] = part[i].narrow(ax, v, 1)
+        if grad:
+            r = checkpoint(_run, step.program, part, use_reentrant=False)
+        else:
+            r = _run(step.program, part)
+        del part
+        acc = r if acc is None else logsumexp(torch.stack([acc, r]), 0)
+    assert names  # noqa: S101 - only called for sliced steps
+    return acc
 
 
 def contract(plan: Plan, tensors, backend: str = BACKEND) -> torch.Tensor:
@@ -18,7 +81,9 @@ def contract(plan: Plan, tensors, backend: str = BACKEND) -> torch.Tensor:
     Args:
         plan: A compiled plan.
         tensors: Log-factor tensors, one per factor.
-        backend: opt_einsum backend module name (a semiring).
+        backend: opt_einsum backend module name (a semiring). The default runs the
+            plan's compiled log-space program; any other runs each step's opt_einsum
+            expression with that backend (unsliced).
 
     Returns:
         The log of the plated sum-product: a scalar, or a vector over the plan's
@@ -28,7 +93,13 @@ def contract(plan: Plan, tensors, backend: str = BACKEND) -> torch.Tensor:
     if len(slots) != plan.n_inputs:
         raise ValueError(f"plan expects {plan.n_inputs} tensors, got {len(slots)}")
     for step in plan.steps:
-        r = step.expression(*[slots[i] for i in step.inputs], backend=backend)
+        args = [slots[i] for i in step.inputs]
+        if backend != BACKEND:
+            r = step.expression(*args, backend=backend)
+        elif step.sliced:
+            r = _run_sliced(step, args)
+        else:
+            r = _run(step.program, args)
         if step.reduce_axes:
             r = r.sum(dim=step.reduce_axes)
         slots.append(r)

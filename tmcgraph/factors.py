@@ -102,9 +102,9 @@ def build_factors(model: Model, samples: Samples) -> list:
         lp = _log_prob(role, name, d, value, target, labels)
         if v.kind == "latent":
             lq = place(s.log_q[name], own, plates, dims, plates)
+            if folded.get(own[0]) == name:  # fold -log K into the small tensor: one pass over the grid
+                lq = lq + math.log(s.sizes[own[0]])
             lp = lp - lq
-            if folded.get(own[0]) == name:
-                lp = lp - math.log(s.sizes[own[0]])
         out.append(Factor(name, lp, dims, plates))
     # One floating dtype for the whole contraction (e.g. float32 priors with float64 data).
     dtype = out[0].tensor.dtype

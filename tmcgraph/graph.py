@@ -131,6 +131,8 @@ class _Declared(nn.Module):
         super().__init__()
         self._vars: dict[str, Variable] = {}
         self.fns = nn.ModuleDict()
+        self._version = 0  # bumped by every declaration; keys the validation cache
+        self._validated = None
 
     def _register(self, var: Variable):
         if var.name in self._vars:
@@ -138,6 +140,7 @@ class _Declared(nn.Module):
         if not isinstance(var.name, str) or not var.name.isidentifier() or var.name.startswith("_"):
             raise TMCGraphError(f"variable name {var.name!r} must be an identifier not starting with '_'")
         self._vars[var.name] = var
+        self._version += 1
         if isinstance(var.fn, nn.Module):
             self.fns[var.name] = var.fn
 
@@ -233,13 +236,18 @@ class Model(_Declared):
                 g.add_edge(p, n)
         return g
 
+    def _state(self):
+        return (self._version, len(self.plates))
+
     def validate(self) -> list:
-        """Check the model graph and return its topological order.
+        """Check the model graph and return its topological order (cached until the next declaration).
 
         Raises:
             TMCGraphError: unknown parents, cycles, or a variable outside a plate of one
                 of its parents.
         """
+        if self._validated is not None and self._validated[0] == self._state():
+            return list(self._validated[1])
         for n, v in self._vars.items():
             for p in v.parents:
                 if p not in self._vars:
@@ -259,7 +267,10 @@ class Model(_Declared):
             raise TMCGraphError("model graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
         if not self.latents and not self.observed_names:
             raise TMCGraphError("model declares no variables")
-        return list(nx.lexicographical_topological_sort(g, key=list(self._vars).index))
+        pos = {n: i for i, n in enumerate(self._vars)}
+        order = list(nx.lexicographical_topological_sort(g, key=pos.__getitem__))
+        self._validated = (self._state(), order)
+        return list(order)
 
 
 class Proposal(_Declared):
@@ -380,7 +391,7 @@ class Proposal(_Declared):
         return g
 
     def validate(self) -> list:
-        """Check the proposal against its model and return the sampling order.
+        """Check the proposal against its model and return the sampling order (cached until a declaration).
 
         Raises:
             TMCGraphError: a latent without a proposal, unknown parents, plate
@@ -388,6 +399,9 @@ class Proposal(_Declared):
         """
         m = self.model
         m.validate()
+        state = (self._version, m._state())
+        if self._validated is not None and self._validated[0] == state:
+            return list(self._validated[1])
         missing = [n for n in m.latents if n not in self._vars]
         if missing:
             raise TMCGraphError(
@@ -410,5 +424,7 @@ class Proposal(_Declared):
             cycle = None
         if cycle:
             raise TMCGraphError("proposal graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
-        order = list(nx.lexicographical_topological_sort(g, key=list(m._vars).index))
-        return [n for n in order if n in self._vars]
+        pos = {n: i for i, n in enumerate(m._vars)}
+        order = [n for n in nx.lexicographical_topological_sort(g, key=pos.__getitem__) if n in self._vars]
+        self._validated = (state, order)
+        return list(order)
