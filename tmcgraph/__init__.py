@@ -4,7 +4,7 @@ Declare a model and a proposal as graphs, draw K particles per latent, and get t
 estimate of log p(x) as a planned log-space tensor contraction.
 """
 
-from . import queries, rws, toys
+from . import datasets, deep, objectives, queries, rws, toys
 from .contract import contract
 from .errors import TMCGraphError
 from .estimators import IWAE, TMC, VAE, Result, log_evidence
@@ -43,6 +43,9 @@ __all__ = [
     "Result",
     "log_evidence",
     "toys",
+    "datasets",
+    "deep",
+    "objectives",
     "queries",
     "rws",
     "Posterior",
