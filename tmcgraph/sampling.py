@@ -14,11 +14,16 @@ the density in the denominator is the one the sample was drawn from):
 * ``paired``: sample k is drawn from Q(. | z_pa^k); log q = log Q(z^k | z_pa^k).
 * ``mixture``: sample k draws a parent index j ~ U{1..K} per parent (and per plate
   element), then z^k ~ Q(. | z_pa^j); log q = log (1/K) sum_j Q(z^k | z_pa^j).
+  The callable is evaluated once, on every parent particle (grid layout): the same
+  distribution gives the density grid and, with its parameters gathered at the drawn
+  j, the distribution z^k is drawn from (see :func:`_gather_dist` for the supported
+  families; others, and ``detach_proposal``, evaluate a second time).
 * enumeration: the particles are the support, log q = -log |support|.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -260,16 +265,32 @@ def draw(
                 if s.dims[p] != dim:
                     rename[p] = (_expand_plates(s, p, plates, pshape), dim)
         else:
+            idxs = []
             for p in latent_parents:
                 Kp = s.values[p].shape[0]
                 idx = torch.randint(Kp, (Kc, *pshape), device=s.values[p].device)
-                rename[p] = (_gather(_expand_plates(s, p, plates, pshape), idx), dim)
+                idxs.append(idx)
+                rename[p] = (_GatheredParent(s, p, plates, pshape, idx), dim)
         dims = (dim,)
-        d = q.dist(_inputs(q, s, dims, plates, rename))
+        grid = None
+        d = None
+        if coupling == "mixture" and not detach_proposal:
+            # One network pass: the grid-layout distribution (every parent particle at
+            # its own position) gives both the sampling distribution (its parameters
+            # gathered at the drawn parent indices) and the mixture density.
+            grid = _mixture_grid(q, s, name, dim, latent_parents)
+            if len(grid[1]) == len(latent_parents):
+                d = _gather_dist(grid[0], idxs, [Kc] + pshape, [s.values[p].shape[0] for p in latent_parents])
+        if d is None:
+            if rename:
+                rename = {p: (r.value() if isinstance(r, _GatheredParent) else r, dd) for p, (r, dd) in rename.items()}
+            d = q.dist(_inputs(q, s, dims, plates, rename))
         check_batch_shape(name, "proposal", d, [Kc] + pshape, [f"K[{dim}]"] + list(plates))
         z = _draw_one(d, torch.Size([Kc] + pshape))
         if coupling == "paired" and not detach_proposal:
             log_q = d.expand(torch.Size([Kc] + pshape)).log_prob(z)  # reuse the sampling distribution
+        elif grid is not None:
+            log_q = _mixture_log_q(grid, z, dim, plates, pshape, s)
         else:
             log_q = _log_q(proposal, s, name, z, dim, coupling, detach_proposal)
         s.values[name] = z
@@ -296,9 +317,137 @@ def _log_q(proposal: Proposal, s: Samples, name: str, z: torch.Tensor, dim: str,
     gdims = (dim,) + pdims
     zg = place(z, (dim,), plates, gdims, plates)
     lg = _with_params(proposal, detach, lambda: q.dist(_inputs(q, s, gdims, plates)).log_prob(zg))
+    return _mixture_reduce(lg, K, pdims, pshape, s)
+
+
+def _mixture_reduce(lg: torch.Tensor, K: int, pdims: tuple, pshape: list, s: Samples) -> torch.Tensor:
+    """``log (1/prod K_pa) sum_j exp(lg)`` over the parent positions of a ``[K, *K_pa, *plates]`` grid."""
     lg = lg.expand([K] + [s.sizes[pd] for pd in pdims] + pshape)  # Q may ignore a parent
     red = list(range(1, 1 + len(pdims)))
     return torch.logsumexp(lg, dim=red) - sum(math.log(s.sizes[pd]) for pd in pdims)
+
+
+class _GatheredParent:
+    """Particles of a mixture parent gathered at the drawn indices, computed only if needed."""
+
+    def __init__(self, s: Samples, p: str, plates: tuple, pshape: list, idx: torch.Tensor):
+        self.args = (s, p, plates, pshape, idx)
+
+    def value(self) -> torch.Tensor:
+        s, p, plates, pshape, idx = self.args
+        return _gather(_expand_plates(s, p, plates, pshape), idx)
+
+
+def _mixture_grid(q, s: Samples, name: str, dim: str, latent_parents: list):
+    """Evaluate the proposal of ``name`` once on all parent particles (grid layout).
+
+    Returns ``(dist, pdims)``: the distribution with batch shape broadcastable to
+    ``[1, *K_pa, *plates]`` (child position, one position per latent parent, plates)
+    and the parents' sample dims.
+    """
+    pdims = tuple(dict.fromkeys(s.dims[p] for p in latent_parents))
+    gdims = (dim,) + pdims
+    return q.dist(_inputs(q, s, gdims, q.plates)), pdims
+
+
+def _mixture_log_q(grid, z: torch.Tensor, dim: str, plates: tuple, pshape: list, s: Samples) -> torch.Tensor:
+    """Mixture ``log q`` of particles ``z`` from the grid-layout distribution of :func:`_mixture_grid`."""
+    d, pdims = grid
+    zg = place(z, (dim,), plates, (dim,) + pdims, plates)
+    return _mixture_reduce(d.log_prob(zg), z.shape[0], pdims, pshape, s)
+
+
+def _gather_dist(d, idxs: list, target: list, Kps: list):
+    """The distribution of sample k with parents at the drawn indices, from the grid-layout ``d``.
+
+    ``d`` has batch shape broadcastable to ``[1, *K_pa, *plates]``; the result has batch
+    shape ``[K_c, *plates]`` (or singletons) with parameters at ``(k, e)`` equal to those
+    of ``d`` at ``(0, j_1[k, e], ..., j_n[k, e], e)``, ``idxs = [j_1, ..., j_n]`` each
+    ``[K_c, *plates]`` with values below ``Kps = [K_1, ..., K_n]``. Parameters are
+    gathered by indexing, so gradients reach them (and reparameterised samples carry them).
+
+    Supported: ``Independent`` (recursively), and any distribution whose ``arg_constraints``
+    parameters (one of ``probs``/``logits``, whichever was given) are tensor attributes
+    and whose constructor takes exactly those (plus ``validate_args``): ``Normal``,
+    ``Bernoulli``, ``Categorical``, ``deep.DiagNormal``, ... Returns ``None`` otherwise
+    (the caller then evaluates the proposal on gathered parent particles).
+    """
+    full = [1] + list(Kps) + list(target[1:])
+    bs = tuple(d.batch_shape)
+    if len(bs) > len(full):
+        return None
+    lead = len(full) - len(bs)
+    sizes = [1] * lead + list(bs)
+    if sizes[0] != 1:
+        return None
+    if any(b not in (1, f) for b, f in zip(sizes, full)):
+        return None
+    try:
+        return _rebuild(d, len(bs), lambda t: _gather_param(t, len(bs), lead, full, idxs, target))
+    except _Unsupported:
+        return None
+
+
+class _Unsupported(Exception):
+    """A distribution whose parameters cannot be gathered."""
+
+
+def _gather_param(t, nb: int, lead: int, full: list, idxs: list, target: list) -> torch.Tensor:
+    """Gather one parameter ``[*batch (nb dims), *rest]`` (batch right-aligned to ``full``) at the drawn indices."""
+    if not torch.is_tensor(t) or t.dim() < nb:
+        raise _Unsupported
+    rest = tuple(t.shape[nb:])
+    t = t.reshape([1] * lead + list(t.shape))
+    if any(b not in (1, f) for b, f in zip(t.shape[: len(full)], full)):
+        raise _Unsupported
+    n = len(idxs)
+    psz = list(t.shape[1:1 + n])
+    if all(k == 1 for k in psz):  # Q ignores its latent parents: no gather needed
+        return t.reshape([1] + list(t.shape[1 + n:]))
+    pl = len(target) - 1
+    index = []
+    for j, k in zip(idxs, psz):
+        index.append(j if k != 1 else torch.zeros((), dtype=torch.long, device=t.device))
+    for i in range(pl):
+        if t.shape[1 + n + i] == 1:
+            index.append(torch.zeros((), dtype=torch.long, device=t.device))
+        else:
+            shape = [1] * (1 + pl)
+            shape[1 + i] = target[1 + i]
+            index.append(torch.arange(target[1 + i], device=t.device).reshape(shape))
+    out = t[0][tuple(index)]  # [K_c, *plates, *rest]
+    return out.reshape(list(out.shape[: 1 + pl]) + list(rest))
+
+
+def _rebuild(d, nb: int, gather):
+    """Rebuild ``d`` with every parameter replaced by ``gather(parameter)``."""
+    from torch.distributions import Independent
+
+    if type(d) is Independent:
+        return Independent(_rebuild(d.base_dist, nb, gather), d.reinterpreted_batch_ndims, validate_args=False)
+    names = list(getattr(type(d), "arg_constraints", {}) or {})
+    if not names:
+        raise _Unsupported
+    if "probs" in names and "logits" in names:
+        given = "logits" if "logits" in d.__dict__ else "probs"
+        names = [k for k in names if k not in ("probs", "logits")] + [given]
+    if not all(k in d.__dict__ and torch.is_tensor(d.__dict__[k]) for k in names):
+        raise _Unsupported
+    try:
+        sig = inspect.signature(type(d).__init__)
+    except (TypeError, ValueError):
+        raise _Unsupported from None
+    accepts = [k for k in sig.parameters if k != "self"]
+    kinds = {k: sig.parameters[k].kind for k in accepts}
+    if any(v in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for v in kinds.values()):
+        raise _Unsupported
+    optional = {"validate_args", "probs", "logits"}
+    if any(k not in names and k not in optional for k in accepts) or any(k not in accepts for k in names):
+        raise _Unsupported
+    params = {k: gather(d.__dict__[k]) for k in names}
+    if "validate_args" in accepts:
+        params["validate_args"] = False
+    return type(d)(**params)
 
 
 def proposal_log_q(proposal: Proposal, samples: Samples, name: str, shared: bool = False,
