@@ -17,7 +17,6 @@ VAE bound (ELBO) estimate log P(x, z) - log Q(z).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +27,7 @@ from .errors import TMCGraphError
 from .factors import build_factors
 from .graph import Model, Proposal
 from .plan import STRATEGIES, Plan, plan_for
-from .sampling import Samples, draw
+from .sampling import Samples, draw, execution_context
 
 __all__ = ["TMC", "IWAE", "VAE", "Result", "log_evidence"]
 
@@ -109,24 +108,8 @@ class TMC:
         self.dtype = dtype
         proposal.validate()
 
-    @contextlib.contextmanager
     def _context(self, seed=None):
-        prev = torch.get_default_dtype()
-        with contextlib.ExitStack() as stack:
-            if isinstance(seed, torch.Generator):
-                seed = int(torch.randint(0, 2**62, (), generator=seed))
-            if seed is not None:
-                devices = [self.device] if self.device is not None and self.device.type == "cuda" else []
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                torch.manual_seed(seed)
-            if self.device is not None:
-                stack.enter_context(self.device)
-            if self.dtype is not None:
-                torch.set_default_dtype(self.dtype)
-            try:
-                yield
-            finally:
-                torch.set_default_dtype(prev)
+        return execution_context(self.device, self.dtype, seed)
 
     def sample(self, data: dict, seed: Optional[int] = None, detach_proposal: bool = False) -> Samples:
         """Draw particles for every latent (reproducible with ``seed``).

@@ -23,6 +23,7 @@ the density in the denominator is the one the sample was drawn from):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -33,7 +34,16 @@ import torch
 from .errors import TMCGraphError
 from .graph import Model, Proposal
 
-__all__ = ["Samples", "bind_data", "place", "draw", "proposal_log_q", "check_batch_shape", "SHARED_DIM"]
+__all__ = [
+    "Samples",
+    "bind_data",
+    "place",
+    "draw",
+    "proposal_log_q",
+    "check_batch_shape",
+    "execution_context",
+    "SHARED_DIM",
+]
 
 #: Name of the single sample dim shared by all sampled latents in IWAE mode.
 SHARED_DIM = "_shared"
@@ -72,6 +82,34 @@ class Samples:
     def value(self, name: str) -> torch.Tensor:
         """Particles of a latent or the data of an observed variable."""
         return self.values[name] if name in self.values else self.data[name]
+
+
+@contextlib.contextmanager
+def execution_context(device=None, dtype=None, seed=None):
+    """Run user callables on ``device`` with default ``dtype``, seeded without touching global RNG state.
+
+    Args:
+        device: A ``torch.device`` (factory functions and Python numbers land there), or ``None``.
+        dtype: Default floating dtype while inside, or ``None``.
+        seed: An int or a ``torch.Generator`` (a seed is drawn from it); the global RNG
+            state is restored on exit. ``None``: use the global RNG.
+    """
+    prev = torch.get_default_dtype()
+    with contextlib.ExitStack() as stack:
+        if isinstance(seed, torch.Generator):
+            seed = int(torch.randint(0, 2**62, (), generator=seed))
+        if seed is not None:
+            devices = [device] if device is not None and device.type == "cuda" else []
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.manual_seed(seed)
+        if device is not None:
+            stack.enter_context(device)
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(prev)
 
 
 def bind_data(model: Model, data: dict, device=None, dtype=None):

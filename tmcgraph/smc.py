@@ -48,7 +48,7 @@ import torch
 
 from .errors import TMCGraphError
 from .graph import Model, Proposal
-from .sampling import bind_data, check_batch_shape, place
+from .sampling import bind_data, check_batch_shape, execution_context, place
 
 __all__ = ["SMC", "SMCResult", "RESAMPLING", "resample_indices", "effective_sample_size"]
 
@@ -249,23 +249,8 @@ class SMC:
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
     def _context(self, seed=None):
-        prev = torch.get_default_dtype()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            if isinstance(seed, torch.Generator):
-                seed = int(torch.randint(0, 2**62, (), generator=seed))
-            if seed is not None:
-                devices = [self.device] if self.device is not None and self.device.type == "cuda" else []
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                torch.manual_seed(seed)
-            if self.device is not None:
-                stack.enter_context(self.device)
-            if self.dtype is not None:
-                torch.set_default_dtype(self.dtype)
-            try:
-                yield
-            finally:
-                torch.set_default_dtype(prev)
+        with torch.no_grad(), execution_context(self.device, self.dtype, seed):
+            yield
 
     def _layout(self, n: str, element) -> tuple:
         """Plates of ``n`` and their sizes at this step (the unrolled plate has size 1)."""
