@@ -21,6 +21,8 @@ from scipy import stats
 from torch.distributions import Categorical, Independent, Normal
 
 import tmcgraph as tg
+from tmcgraph.factors import Factor
+from tmcgraph.oracle import enumerate_log_weights
 from tmcgraph.queries import (
     DRAWS,
     dim_marginals,
@@ -41,26 +43,8 @@ def enumerate_posterior(factors, levels):
     Returns ``(variables, combos, probs)``: ``variables`` is a list of (dim, element
     dict) index variables, ``combos`` a LongTensor [n, len(variables)], ``probs`` [n].
     """
-    sizes = {}
-    for f in factors:
-        sizes.update(zip(tuple(f.dims) + tuple(f.plates), f.tensor.shape))
-    variables = []
-    for d in dict.fromkeys(d for f in factors for d in f.dims):
-        for e in itertools.product(*[range(sizes[p]) for p in levels[d]]):
-            variables.append((d, dict(zip(levels[d], e))))
-    combos = torch.tensor(list(itertools.product(*[range(sizes[d]) for d, _ in variables])), dtype=torch.long)
-    combos = combos.reshape(-1, len(variables))
-    logw = torch.zeros(combos.shape[0], dtype=torch.float64)
-    for f in factors:
-        t = f.tensor.detach().to(torch.float64)
-        for e in itertools.product(*[range(sizes[p]) for p in f.plates]):
-            elem = dict(zip(f.plates, e))
-            idx = []
-            for d in f.dims:
-                want = {p: elem[p] for p in levels[d]}
-                col = next(i for i, (dd, ee) in enumerate(variables) if dd == d and ee == want)
-                idx.append(combos[:, col])
-            logw = logw + t[tuple(idx) + tuple(e)]
+    f64 = [Factor(f.name, f.tensor.detach().to(torch.float64), f.dims, f.plates) for f in factors]
+    variables, combos, logw = enumerate_log_weights(f64, levels)
     return variables, combos, torch.softmax(logw, 0)
 
 

@@ -25,7 +25,7 @@ import torch
 from .contract import contract
 from .errors import TMCGraphError
 from .factors import build_factors
-from .graph import Model, Proposal
+from .graph import Model, Proposal, check_inference_inputs
 from .plan import STRATEGIES, Plan, plan_for
 from .sampling import Samples, draw, execution_context
 
@@ -87,14 +87,7 @@ class TMC:
         device=None,
         dtype: Optional[torch.dtype] = None,
     ):
-        if not isinstance(model, Model):
-            raise TMCGraphError(f"model must be a tmcgraph.Model, got {type(model).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise TMCGraphError(f"proposal must be a tmcgraph.Proposal, got {type(proposal).__name__}")
-        if proposal.model is not model:
-            raise TMCGraphError("the proposal was declared for a different model")
-        if int(K) != K or K < 1:
-            raise TMCGraphError(f"K must be a positive integer, got {K!r}")
+        check_inference_inputs(model, proposal, K)
         if strategy not in STRATEGIES:
             raise TMCGraphError(f"unknown path strategy {strategy!r}; choose one of {STRATEGIES}")
         if dtype is not None and not dtype.is_floating_point:

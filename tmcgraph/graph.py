@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TMCGraphError
 
-__all__ = ["Plate", "Variable", "Model", "Proposal", "COUPLINGS"]
+__all__ = ["Plate", "Variable", "Model", "Proposal", "COUPLINGS", "check_inference_inputs"]
 
 #: Ways of drawing K samples of a latent whose proposal has latent parents.
 COUPLINGS = ("paired", "mixture")
@@ -428,3 +428,15 @@ class Proposal(_Declared):
         order = [n for n in nx.lexicographical_topological_sort(g, key=pos.__getitem__) if n in self._vars]
         self._validated = (state, order)
         return list(order)
+
+
+def check_inference_inputs(model, proposal, K) -> None:
+    """Raise unless ``model`` and ``proposal`` belong together and ``K`` is a positive integer."""
+    if not isinstance(model, Model):
+        raise TMCGraphError(f"model must be a tmcgraph.Model, got {type(model).__name__}")
+    if not isinstance(proposal, Proposal):
+        raise TMCGraphError(f"proposal must be a tmcgraph.Proposal, got {type(proposal).__name__}")
+    if proposal.model is not model:
+        raise TMCGraphError("the proposal was declared for a different model")
+    if isinstance(K, bool) or int(K) != K or K < 1:
+        raise TMCGraphError(f"K must be a positive integer, got {K!r}")

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-__all__ = ["brute_force", "MAX_COMBINATIONS"]
+__all__ = ["brute_force", "enumerate_log_weights", "MAX_COMBINATIONS"]
 
 #: Refuse to enumerate more combinations than this.
 MAX_COMBINATIONS = 2_000_000
@@ -39,6 +39,24 @@ def brute_force(factors, levels: dict, keep=None) -> torch.Tensor:
             lv = {d: tuple(p for p in lvl if p != keep) for d, lvl in levels.items()}
             outs.append(brute_force(sliced, lv))
         return torch.stack(outs)
+    _, _, logw = enumerate_log_weights(factors, levels)
+    return torch.logsumexp(logw, 0) if torch.isfinite(logw).any() else logw.max()
+
+
+def enumerate_log_weights(factors, levels: dict):
+    """Every index combination (plates unrolled) and its summed log-weight.
+
+    Args:
+        factors: Objects with ``tensor`` (log values), ``dims`` and ``plates``.
+        levels: Sample dim -> plates it is local to.
+
+    Returns:
+        ``(variables, combos, logw)``: ``variables`` lists the index variables as
+        ``(dim, {plate: element})``, one per dim and element of the plates it is local to;
+        ``combos`` is a LongTensor ``[n, len(variables)]`` of all combinations; ``logw``
+        ``[n]`` is the sum over factors and plate elements of the factor values there
+        (differentiable w.r.t. the factor tensors).
+    """
     sizes = _sizes(factors)
     # One index variable per (dim, element of the plates the dim is local to).
     variables = []
@@ -63,7 +81,7 @@ def brute_force(factors, levels: dict, keep=None) -> torch.Tensor:
                 col = next(i for i, (dd, ee) in enumerate(variables) if dd == d and ee == want)
                 idx.append(grids[:, col])
             logw = logw + f.tensor[tuple(idx) + tuple(e)]
-    return torch.logsumexp(logw, 0) if torch.isfinite(logw).any() else logw.max()
+    return variables, grids, logw
 
 
 def _sizes(factors) -> dict:

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 
 from .errors import TMCGraphError
-from .graph import Model, Proposal
+from .graph import Model, Proposal, check_inference_inputs
 from .sampling import bind_data, check_batch_shape, execution_context, place
 
 __all__ = ["SMC", "SMCResult", "RESAMPLING", "resample_indices", "effective_sample_size"]
@@ -172,14 +172,7 @@ class SMC:
         device=None,
         dtype: Optional[torch.dtype] = None,
     ):
-        if not isinstance(model, Model):
-            raise TMCGraphError(f"model must be a tmcgraph.Model, got {type(model).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise TMCGraphError(f"proposal must be a tmcgraph.Proposal, got {type(proposal).__name__}")
-        if proposal.model is not model:
-            raise TMCGraphError("the proposal was declared for a different model")
-        if isinstance(K, bool) or int(K) != K or K < 1:
-            raise TMCGraphError(f"K must be a positive integer, got {K!r}")
+        check_inference_inputs(model, proposal, K)
         if resampling not in RESAMPLING:
             raise TMCGraphError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
         try:
