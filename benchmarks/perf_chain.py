@@ -22,7 +22,7 @@ import sys
 
 import torch
 from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
-from perf_toy import compare, pyro_or_none, ratio
+from perf_toy import compare, pyro_or_none, pyro_tmc_loss, ratio
 from torch.distributions import Normal
 
 import tmcgraph as tg
@@ -55,7 +55,7 @@ def hand_chain(n: int, K: int):
 
 
 def pyro_chain(n: int, K: int, pyro_mods):
-    pyro, pdist, TraceTMC_ELBO, config_enumerate = pyro_mods
+    pyro, pdist = pyro_mods[:2]
     sd = math.sqrt(1.0 / n)
 
     def model(x):
@@ -68,10 +68,7 @@ def pyro_chain(n: int, K: int, pyro_mods):
         for i in range(1, n + 1):
             pyro.sample(f"z{i}", pdist.Normal(0.0, math.sqrt(i / n)))
 
-    g = config_enumerate(guide, default="parallel", expand=False, num_samples=K)
-    mm = config_enumerate(model, default="parallel", expand=False, num_samples=K)
-    elbo = TraceTMC_ELBO(max_plate_nesting=0)
-    return lambda x: -elbo.differentiable_loss(mm, g, x)
+    return pyro_tmc_loss(pyro_mods, model, guide, K, max_plate_nesting=0)
 
 
 def main(argv=None) -> dict:

@@ -48,6 +48,15 @@ def pyro_or_none():
     return pyro, pdist, TraceTMC_ELBO, config_enumerate
 
 
+def pyro_tmc_loss(pyro_mods, model, guide, K: int, max_plate_nesting: int):
+    """Negative TraceTMC_ELBO loss of a Pyro model/guide with ``num_samples=K, expand=False``."""
+    _, _, TraceTMC_ELBO, config_enumerate = pyro_mods
+    g = config_enumerate(guide, default="parallel", expand=False, num_samples=K)
+    mm = config_enumerate(model, default="parallel", expand=False, num_samples=K)
+    elbo = TraceTMC_ELBO(max_plate_nesting=max_plate_nesting)
+    return lambda x: -elbo.differentiable_loss(mm, g, x)
+
+
 def compare(fns: dict, reps: int, backward: bool = False, params=(), warmup: int = 1) -> dict:
     """Time contenders alternately: per repetition every contender runs once with the same seed.
 
@@ -131,7 +140,7 @@ def hand_toy(K: int, p: dict):
 
 
 def pyro_toy(K: int, p: dict, pyro_mods):
-    pyro, pdist, TraceTMC_ELBO, config_enumerate = pyro_mods
+    pyro, pdist = pyro_mods[:2]
 
     def model(x):
         th = pyro.sample("theta", pdist.Normal(0.0, 1.0))
@@ -144,10 +153,7 @@ def pyro_toy(K: int, p: dict, pyro_mods):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", pdist.Normal(p["m_z"], p["s_z"].exp()))
 
-    g = config_enumerate(guide, default="parallel", expand=False, num_samples=K)
-    mm = config_enumerate(model, default="parallel", expand=False, num_samples=K)
-    elbo = TraceTMC_ELBO(max_plate_nesting=1)
-    return lambda x: -elbo.differentiable_loss(mm, g, x)
+    return pyro_tmc_loss(pyro_mods, model, guide, K, max_plate_nesting=1)
 
 
 def main(argv=None) -> dict:

@@ -40,6 +40,7 @@ import math
 from dataclasses import dataclass, field
 
 import opt_einsum as oe
+from opt_einsum.paths import linear_to_ssa, ssa_to_linear
 
 from .errors import TMCGraphError
 
@@ -255,34 +256,6 @@ def _ve_path(inputs, output, sizes, key):
     return path
 
 
-def _ssa_to_linear(ssa_path, n):
-    ids = list(range(n))
-    nxt = n
-    linear = []
-    for con in ssa_path:
-        pos = tuple(sorted((ids.index(i) for i in con)))
-        linear.append(pos)
-        for p in reversed(pos):
-            ids.pop(p)
-        ids.append(nxt)
-        nxt += 1
-    return linear
-
-
-def _linear_to_ssa(path, n):
-    ids = list(range(n))
-    nxt = n
-    ssa = []
-    for con in path:
-        con = tuple(sorted(con))
-        ssa.append(tuple(ids[p] for p in con))
-        for p in reversed(con):
-            ids.pop(p)
-        ids.append(nxt)
-        nxt += 1
-    return ssa
-
-
 def _renumber(ssa_path, n):
     """Pairwise SSA path equivalent to ``ssa_path`` (multi-operand steps split left to right)."""
     out = []
@@ -359,7 +332,7 @@ def _candidates(inputs, out, sizes, strategy, memory_limit):
             ",".join(inputs) + "->" + out, *[tuple(sizes[c] for c in t) for t in inputs], shapes=True,
             optimize=opt, memory_limit=memory_limit,
         )
-        cands.append(_linear_to_ssa(path, n))
+        cands.append([tuple(sorted(c)) for c in linear_to_ssa(path)])
     except Exception as e:  # pragma: no cover - opt_einsum failures are reported only if nothing else works
         if strategy != "auto":
             raise TMCGraphError(f"opt_einsum could not plan {','.join(inputs)}->{out}: {e}") from e
@@ -391,7 +364,7 @@ def _probe_paths(inputs, out, sizes, memory_limit):
                                        shapes=True, optimize="greedy", memory_limit=memory_limit)
         except Exception:  # pragma: no cover
             continue
-        paths.append(_linear_to_ssa(path, len(inputs)))
+        paths.append([tuple(sorted(c)) for c in linear_to_ssa(path)])
     return paths
 
 
@@ -552,7 +525,7 @@ def _cached_plan(structure, levels, keep, strategy, memory_limit) -> Plan:
         shapes = [tuple(sizes[x] for x in dims + plates) for _, dims, plates in items]
         ssa, pairs, sliced, _, largest = _plan_step(in_terms, out_term, sym_sizes, strategy, memory_limit, names)
         local = {c: (1 if c in sliced else n) for c, n in sym_sizes.items()}
-        linear = _ssa_to_linear(ssa, len(in_terms))
+        linear = [tuple(c) for c in ssa_to_linear(ssa)]
         try:
             _, info = oe.contract_path(eq, *[tuple(local[c] for c in t) for t in in_terms], shapes=True,
                                        optimize=linear)
