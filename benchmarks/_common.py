@@ -2,7 +2,8 @@
 
 Every benchmark script takes ``--quick`` (tiny grid, used by the tests), ``--out DIR``
 (default ``benchmarks/results``; quick runs write ``<name>_quick.*``), ``--threads``
-(default 1) and ``--seeds``. Import it from a script in this folder with
+(default 1), ``--seeds`` and ``--allocator`` (``default``, or ``tuned`` for
+:func:`tmcgraph.runtime.tune_allocator`; recorded in every JSON). Import it from a script in this folder with
 ``from _common import ...`` (the script's folder is on ``sys.path``).
 """
 
@@ -54,14 +55,21 @@ def base_parser(description: str, seeds: int = 20) -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     p.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seeds", type=_positive, default=None, help=f"seeds per point (default {seeds}; quick: 3)")
+    p.add_argument("--allocator", choices=("default", "tuned"), default="default",
+                   help="'tuned': keep freed memory in the heap (tmcgraph.tune_allocator); default: leave malloc as is")
     p.set_defaults(default_seeds=seeds)
     return p
 
 
-def set_threads(n: int) -> dict:
-    """Fix torch's intra-op thread count; return what is in effect."""
+def set_threads(n: int, allocator: str = "default") -> dict:
+    """Fix torch's intra-op thread count (and tune malloc if ``allocator == "tuned"``); return what is in effect."""
+    from tmcgraph.runtime import allocator_settings, tune_allocator
+
     torch.set_num_threads(int(n))
-    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
+    if allocator == "tuned" and not tune_allocator():
+        print("allocator: tune_allocator() not available here (not glibc); running with the default allocator")
+    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "allocator": allocator_settings()}
 
 
 def _cpu_name() -> str:
@@ -95,6 +103,8 @@ def machine_info() -> dict:
     import numpy
     import opt_einsum
 
+    from tmcgraph.runtime import allocator_settings
+
     return {
         **_git_state(),
         "platform": platform.platform(),
@@ -107,6 +117,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
         "default_dtype": str(torch.get_default_dtype()),
+        "allocator": allocator_settings(),
     }
 
 

@@ -82,7 +82,7 @@ class Contender:
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    threads = set_threads(a.threads)
+    threads = set_threads(a.threads, a.allocator)
     steps = a.steps or (1 if a.quick else 10)
     a.batch_size = a.batch_size or (16 if a.quick else 128)
     steps_per_epoch = math.ceil(60000 / a.batch_size)

@@ -65,7 +65,7 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    threads = set_threads(a.threads)
+    threads = set_threads(a.threads, a.allocator)
     epochs = a.epochs or (1 if a.quick else 10)
     limit_train = a.limit_train or (256 if a.quick else None)
     limit_test = a.limit_test or (200 if a.quick else None)

@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=7)
     ap.add_argument("--no-pyro", action="store_true", help="skip the Pyro column")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, args.allocator)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
     grid = [(n, K) for n in (3, 5) for K in (4, 8)] if args.quick else [
         (n, K) for n in (10, 20, 100) for K in (10, 100, 1000)]

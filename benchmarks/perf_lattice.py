@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-unlimited", type=int, default=1 << 26,
                     help="largest intermediate (elements) run without a limit (default 2^26)")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, args.allocator)
     reps = args.seeds or (1 if args.quick else args.default_seeds)
     budget = args.budget or (2.0 if args.quick else 120.0)
     grid = [(2, 4)] if args.quick else [(R, K) for R in (3, 4, 5) for K in (16, 32)]

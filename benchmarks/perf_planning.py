@@ -54,7 +54,7 @@ def _models(quick: bool):
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=10)
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, args.allocator)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
     rows = []
     for name, est, make, sizes in _models(args.quick):

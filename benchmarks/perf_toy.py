@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=11)
     ap.add_argument("--no-pyro", action="store_true", help="skip the Pyro column")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, args.allocator)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
     grid = [(16, 8)] if args.quick else [(128, 128), (1024, 128)]
     pm = None if args.no_pyro else pyro_or_none()

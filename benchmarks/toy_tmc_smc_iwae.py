@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     grid = GRIDS["quick" if args.quick else "full"]
     n_seeds = args.seeds or (3 if args.quick else args.default_seeds)
     seeds = list(range(n_seeds))
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, args.allocator)
     json_path, png_path = output_paths(args.out, NAME, args.quick)
     t0 = time.perf_counter()
 

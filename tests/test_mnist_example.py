@@ -83,6 +83,33 @@ def test_diag_normal_grid_log_density_equals_independent_normal(kv, kp, b, f, se
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=st.lists(st.sampled_from(["both", "value", "loc", "none"]), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(2, 4), min_size=4, max_size=4), f=st.integers(1, 5),
+    extra=st.integers(0, 1), seed=st.integers(0, 1000),
+)
+def test_diag_normal_grid_any_broadcast_pattern_values_and_gradients(pattern, sizes, f, extra, seed):
+    """Every mix of shared, value-only, parameter-only and trivial batch dims (and a value
+    with fewer dims) matches ``Independent(Normal)`` in value and in all three gradients."""
+    g = torch.Generator().manual_seed(seed)
+    vs = [sizes[i] if p in ("both", "value") else 1 for i, p in enumerate(pattern)]
+    ls = [sizes[i] if p in ("both", "loc") else 1 for i, p in enumerate(pattern)]
+    ls = [2] * extra + ls  # loc may have extra leading dims the value lacks
+    v = (torch.randn(*vs, f, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    loc = (torch.randn(*ls, f, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    scale = (torch.rand(*ls, f, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
+    w = torch.randn(torch.broadcast_shapes(v.shape[:-1], loc.shape[:-1]), generator=g, dtype=torch.float64)
+    got = deep.DiagNormal(loc, scale).log_prob(v)
+    want = Independent(Normal(loc, scale), 1).log_prob(v)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-8)
+    g1 = torch.autograd.grad((got * w).sum(), (v, loc, scale))
+    g2 = torch.autograd.grad((want * w).sum(), (v, loc, scale))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
 def test_diag_normal_samples_and_expand():
     d = deep.DiagNormal(torch.zeros(3, 2), torch.full((3, 2), 2.0))
     assert d.batch_shape == (3,) and d.event_shape == (2,)

@@ -44,6 +44,17 @@ def test_mnist_benchmark_runs(tmp_path):
     res = data["result"]
     assert res["network_calls_per_step"] > 0
     assert set(res["forward_split_median"]) == {"networks", "log_densities", "engine"}
+    # The hand-written contender draws the same particles, so it returns the same values.
+    assert res["hand_value_max_abs_difference"] < 1e-3
+    assert res["tmcgraph_over_hand"] > 0
+
+
+def test_allocator_benchmark_runs_each_setting_in_fresh_processes(tmp_path):
+    _, data = _run("perf_allocator", tmp_path, "--no-pyro")
+    assert [r["workload"] for r in data["rows"]] == ["chain", "toy", "mnist"]
+    for row in data["rows"]:
+        for c in row["contenders"].values():
+            assert c["default"]["median_s"] > 0 and c["tuned"]["median_s"] > 0
 
 
 def test_lattice_benchmark_respects_memory_limit(tmp_path):

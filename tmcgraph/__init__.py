@@ -4,7 +4,7 @@ Declare a model and a proposal as graphs, draw K particles per latent, and get t
 estimate of log p(x) as a planned log-space tensor contraction.
 """
 
-from . import datasets, deep, objectives, queries, rws, toys
+from . import datasets, deep, objectives, queries, runtime, rws, toys
 from .contract import contract
 from .errors import TMCGraphError
 from .estimators import IWAE, TMC, VAE, Result, log_evidence
@@ -13,6 +13,7 @@ from .graph import COUPLINGS, Model, Plate, Proposal
 from .oracle import brute_force
 from .plan import Plan, plan_cache_clear, plan_cache_info, plan_for
 from .queries import Posterior, posterior, predictive_log_likelihood
+from .runtime import tune_allocator
 from .rws import RWS
 from .sampling import Samples, bind_data, draw, proposal_log_q
 from .smc import SMC, SMCResult
@@ -48,6 +49,8 @@ __all__ = [
     "objectives",
     "queries",
     "rws",
+    "runtime",
+    "tune_allocator",
     "Posterior",
     "posterior",
     "predictive_log_likelihood",
