@@ -7,6 +7,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (reproducible CI);
+# HYPOTHESIS_PROFILE=explore draws fresh ones each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = pathlib.Path(os.environ.get("TMCGRAPH_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))

@@ -113,12 +113,12 @@ def test_all_minus_inf_gives_minus_inf_and_zero_gradients(dtype):
     fs = [Factor("a", a, ("i", "j"), ()), Factor("b", b, ("j", "k"), ()), Factor("c", c, ("k",), ())]
     levels = {"i": (), "j": (), "k": ()}
     out = tg.contract(tg.plan_for(fs, levels), [a, b, c])
-    assert float(out) == -math.inf
+    assert float(out.detach()) == -math.inf
     out.backward()
     for t in (a, b, c):
         assert t.grad is not None and not torch.isnan(t.grad).any()
     ls = logb.logsumexp(torch.full((5,), -math.inf, dtype=dtype, requires_grad=True), 0)
-    assert float(ls) == -math.inf
+    assert float(ls.detach()) == -math.inf
 
 
 def test_tmc_with_extreme_likelihood_is_finite_in_float32():

@@ -234,8 +234,18 @@ def _inputs(var, samples: Samples, dims: tuple, plates: tuple, rename: Optional[
 
 
 def _draw_one(d, shape: torch.Size):
+    bs = tuple(d.batch_shape)
+    n = len(shape) - len(bs)
+    if n >= 0 and tuple(shape[n:]) == bs:  # leading sample dims only: no expanded copy of d
+        return d.rsample(shape[:n]) if d.has_rsample else d.sample(shape[:n])
     d = d.expand(shape)
     return d.rsample() if d.has_rsample else d.sample()
+
+
+def _log_prob_at(d, z: torch.Tensor, shape: list) -> torch.Tensor:
+    """``d.log_prob(z)`` with batch shape ``shape``, ``d``'s batch shape broadcasting to it."""
+    lp = d.log_prob(z)
+    return lp if list(lp.shape) == list(shape) else lp.expand(shape)
 
 
 def draw(
@@ -326,7 +336,7 @@ def draw(
         check_batch_shape(name, "proposal", d, [Kc] + pshape, [f"K[{dim}]"] + list(plates))
         z = _draw_one(d, torch.Size([Kc] + pshape))
         if coupling == "paired" and not detach_proposal:
-            log_q = d.expand(torch.Size([Kc] + pshape)).log_prob(z)  # reuse the sampling distribution
+            log_q = _log_prob_at(d, z, [Kc] + pshape)  # reuse the sampling distribution
         elif grid is not None:
             log_q = _mixture_log_q(grid, z, dim, plates, pshape, s)
         else:
@@ -349,7 +359,7 @@ def _log_q(proposal: Proposal, s: Samples, name: str, z: torch.Tensor, dim: str,
     if coupling == "paired":
         rename = {p: (_expand_plates(s, p, plates, pshape), dim) for p in latent_parents if s.dims[p] != dim}
         inputs = _inputs(q, s, (dim,), plates, rename)
-        return _with_params(proposal, detach, lambda: q.dist(inputs).expand(torch.Size([K] + pshape)).log_prob(z))
+        return _with_params(proposal, detach, lambda: _log_prob_at(q.dist(inputs), z, [K] + pshape))
     # Mixture: average the density over every particle of every latent parent.
     pdims = tuple(dict.fromkeys(s.dims[p] for p in latent_parents))
     gdims = (dim,) + pdims
