@@ -62,14 +62,16 @@ def base_parser(description: str, seeds: int = 20) -> argparse.ArgumentParser:
 
 
 def set_threads(n: int, allocator: str = "default") -> dict:
-    """Fix torch's intra-op thread count (and tune malloc if ``allocator == "tuned"``); return what is in effect."""
-    from tmcgraph.runtime import allocator_settings, tune_allocator
+    """Fix torch's intra-op thread count and tune malloc if ``allocator == "tuned"``; return the thread counts.
+
+    What the allocator is set to is recorded by :func:`machine_info`.
+    """
+    from tmcgraph.runtime import tune_allocator
 
     torch.set_num_threads(int(n))
     if allocator == "tuned" and not tune_allocator():
         print("allocator: tune_allocator() not available here (not glibc); running with the default allocator")
-    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "allocator": allocator_settings()}
+    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
 
 
 def _cpu_name() -> str:

@@ -21,6 +21,7 @@ Reports each process's median, the median over processes, and default / tuned ra
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import statistics
@@ -113,8 +114,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--processes", type=int, default=None, help="fresh processes per setting (default 3; quick 1)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
     ap.add_argument("--no-pyro", action="store_true", help="skip the Pyro contender")
-    ap.add_argument("--worker", default=None, help=argparse_hidden())
-    ap.add_argument("--size", default=None, help=argparse_hidden())
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one workload here
+    ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     threads = set_threads(args.threads, args.allocator)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
@@ -162,12 +163,6 @@ def main(argv=None) -> dict:
     _plot(rows, ppath)
     print(f"wrote {jpath} and {ppath}")
     return payload
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _plot(rows, path):

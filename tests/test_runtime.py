@@ -26,7 +26,7 @@ print(json.dumps({"ok": ok, "before": before, "after": after, "settings": tg.run
 """
 
 
-@pytest.mark.parametrize("bad", [0, -5, 1.5, "1", True, None])
+@pytest.mark.parametrize("bad", [0, -5, 2**31, 1.5, "1", True, None])
 def test_tune_allocator_rejects_non_positive_integers_by_name(bad):
     with pytest.raises(tg.TMCGraphError, match="mmap_threshold"):
         tune_allocator(mmap_threshold=bad)
