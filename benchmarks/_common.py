@@ -33,6 +33,7 @@ __all__ = [
     "repeat",
     "summary",
     "write_json",
+    "save_results",
     "pyplot",
     "save_figure",
 ]
@@ -194,6 +195,19 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, allow_nan=False)
         f.write("\n")
+
+
+def save_results(args, name: str, argv, threads: dict, plot: Callable, **fields) -> dict:
+    """Write a benchmark's JSON (name, command, machine, threads, ``fields``) and its figure.
+
+    ``plot(rows, png_path)`` draws ``fields["rows"]``. Returns the payload.
+    """
+    jpath, ppath = output_paths(args.out, name, args.quick)
+    payload = {"benchmark": name, "command": command_line(argv), "machine": machine_info(), **threads, **fields}
+    write_json(jpath, payload)
+    plot(payload["rows"], ppath)
+    print(f"wrote {jpath} and {ppath}")
+    return payload
 
 
 def pyplot():

@@ -29,7 +29,13 @@ import subprocess
 import sys
 
 import torch
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
+from _common import (
+    base_parser,
+    pyplot,
+    save_figure,
+    save_results,
+    set_threads,
+)
 
 __all__ = ["main", "worker"]
 
@@ -156,13 +162,7 @@ def main(argv=None) -> dict:
             print(f"{w:6s} {c:9s} default [{fmt(r['default']['process_medians_s'])}] ms  "
                   f"tuned [{fmt(r['tuned']['process_medians_s'])}] ms  default/tuned "
                   + (f"{r['default_over_tuned']:.2f}" if r["default_over_tuned"] else "-"))
-    jpath, ppath = output_paths(args.out, "perf_allocator", args.quick)
-    payload = {"benchmark": "perf_allocator", "command": command_line(argv), "machine": machine_info(), **threads,
-               "repetitions_per_process": reps, "rows": rows}
-    write_json(jpath, payload)
-    _plot(rows, ppath)
-    print(f"wrote {jpath} and {ppath}")
-    return payload
+    return save_results(args, "perf_allocator", argv, threads, _plot, repetitions_per_process=reps, rows=rows)
 
 
 def _plot(rows, path):

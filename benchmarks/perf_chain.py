@@ -21,7 +21,13 @@ import math
 import sys
 
 import torch
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
+from _common import (
+    base_parser,
+    pyplot,
+    save_figure,
+    save_results,
+    set_threads,
+)
 from perf_toy import compare, pyro_or_none, pyro_tmc_loss, ratio
 from torch.distributions import Normal
 
@@ -103,13 +109,7 @@ def main(argv=None) -> dict:
             + f"  |value diff|={agree:.2g}  recomputations={fb['calls'] + fb['f64_calls']}")
         if agree > 1e-3:
             raise RuntimeError(f"contenders disagree on the same particles: {vals}")
-    jpath, ppath = output_paths(args.out, "perf_chain", args.quick)
-    payload = {"benchmark": "perf_chain", "command": command_line(argv), "machine": machine_info(), **threads,
-               "repetitions": reps, "pyro": pm is not None, "rows": rows}
-    write_json(jpath, payload)
-    _plot(rows, ppath)
-    print(f"wrote {jpath} and {ppath}")
-    return payload
+    return save_results(args, "perf_chain", argv, threads, _plot, repetitions=reps, pyro=pm is not None, rows=rows)
 
 
 def _plot(rows, path):

@@ -31,7 +31,13 @@ import sys
 import time
 
 import torch
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
+from _common import (
+    base_parser,
+    pyplot,
+    save_figure,
+    save_results,
+    set_threads,
+)
 from torch.distributions import Normal
 
 import tmcgraph as tg
@@ -194,13 +200,7 @@ def main(argv=None) -> dict:
                       f"largest tensor {r['largest_tensor']} elements, slices {r['slices']}, value {r['value']:.4f}"
                       + (f" (float64 {r['value_float64']:.4f})" if r.get("value_float64") is not None else ""))
         print(f"    memory_limit={K - 1}: TMCGraphError raised at planning: {too_small['raised']}")
-    jpath, ppath = output_paths(args.out, "perf_lattice", args.quick)
-    payload = {"benchmark": "perf_lattice", "command": command_line(argv), "machine": machine_info(), **threads,
-               "repetitions": reps, "budget_s": budget, "rows": rows}
-    write_json(jpath, payload)
-    _plot(rows, ppath)
-    print(f"wrote {jpath} and {ppath}")
-    return payload
+    return save_results(args, "perf_lattice", argv, threads, _plot, repetitions=reps, budget_s=budget, rows=rows)
 
 
 def _plot(rows, path):

@@ -27,7 +27,13 @@ import sys
 import time
 
 import torch
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
+from _common import (
+    base_parser,
+    pyplot,
+    save_figure,
+    save_results,
+    set_threads,
+)
 from torch.distributions import Normal
 
 import tmcgraph as tg
@@ -190,13 +196,7 @@ def main(argv=None) -> dict:
                 + f"  |value diff|={agree:.2g}")
             if agree > 1e-3 * max(1.0, abs(vals["tmcgraph"][0])):
                 raise RuntimeError(f"contenders disagree on the same particles: {vals}")
-    jpath, ppath = output_paths(args.out, "perf_toy", args.quick)
-    payload = {"benchmark": "perf_toy", "command": command_line(argv), "machine": machine_info(), **threads,
-               "repetitions": reps, "pyro": pm is not None, "rows": rows}
-    write_json(jpath, payload)
-    _plot(rows, ppath)
-    print(f"wrote {jpath} and {ppath}")
-    return payload
+    return save_results(args, "perf_toy", argv, threads, _plot, repetitions=reps, pyro=pm is not None, rows=rows)
 
 
 def _plot(rows, path):
