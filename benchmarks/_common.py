@@ -67,7 +67,7 @@ def set_threads(n: int, allocator: str = "default") -> dict:
 
     What the allocator is set to is recorded by :func:`machine_info`.
     """
-    from tmcgraph.runtime import tune_allocator
+    from tmcgraph.contrib.allocator import tune_allocator
 
     torch.set_num_threads(int(n))
     if allocator == "tuned" and not tune_allocator():
@@ -106,7 +106,7 @@ def machine_info() -> dict:
     import numpy
     import opt_einsum
 
-    from tmcgraph.runtime import allocator_settings
+    from tmcgraph.contrib.allocator import allocator_settings
 
     return {
         **_git_state(),

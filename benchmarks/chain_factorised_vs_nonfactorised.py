@@ -42,8 +42,8 @@ from _common import (  # noqa: E402
 )
 
 import tmcgraph as tg  # noqa: E402
-from tmcgraph.smc import SMC  # noqa: E402
-from tmcgraph.toys import gaussian_chain, gaussian_chain_log_evidence  # noqa: E402
+from tmcgraph.infer.smc import SMC  # noqa: E402
+from tmcgraph.models.toys import gaussian_chain, gaussian_chain_log_evidence  # noqa: E402
 
 NAME = "chain_factorised_vs_nonfactorised"
 X = 1.0

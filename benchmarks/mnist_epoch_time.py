@@ -40,8 +40,9 @@ from _common import (  # noqa: E402
 )
 
 import tmcgraph as tg  # noqa: E402
-from tmcgraph import datasets, deep  # noqa: E402
-from tmcgraph.objectives import GRADS, objective  # noqa: E402
+from tmcgraph.data import mnist as mnist_data  # noqa: E402
+from tmcgraph.infer.objectives import GRADS, objective  # noqa: E402
+from tmcgraph.models import mnist_vae  # noqa: E402
 
 NAME = "mnist_epoch_time"
 
@@ -63,7 +64,7 @@ class Contender:
     def __init__(self, objective_name: str, grad: str, coupling: str, recognition: str, K: int, init: dict):
         self.name = f"{objective_name}-{grad}" + ("" if coupling == "mixture" else f"-{coupling}")
         self.objective, self.grad, self.coupling = objective_name, grad, coupling
-        m, q = deep.build(recognition, coupling)
+        m, q = mnist_vae.build(recognition, coupling)
         m.load_state_dict(init["model"])
         q.load_state_dict(init["proposal"])
         cls = tg.TMC if objective_name == "tmc" else tg.IWAE
@@ -87,11 +88,11 @@ def main(argv=None) -> dict:
     a.batch_size = a.batch_size or (16 if a.quick else 128)
     steps_per_epoch = math.ceil(60000 / a.batch_size)
     repeats = a.repeats or (2 if a.quick else 7)
-    data = datasets.load_mnist(a.data, download=False)
+    data = mnist_data.load_mnist(a.data, download=False)
     x = data.train_x[: (4 if a.quick else 40) * a.batch_size]
     batches = x.split(a.batch_size)
     torch.manual_seed(0)
-    m0, q0 = deep.build(a.recognition)
+    m0, q0 = mnist_vae.build(a.recognition)
     init = {"model": m0.state_dict(), "proposal": q0.state_dict()}
     contenders = [Contender(o, g, "mixture", a.recognition, a.K, init) for o in ("iwae", "tmc") for g in GRADS]
     contenders.append(Contender("tmc", "reparam", "paired", a.recognition, a.K, init))

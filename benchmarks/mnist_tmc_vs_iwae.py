@@ -136,15 +136,16 @@ def coupling_check(ex, runs: pathlib.Path, a, limit_test) -> dict:
     and with the paired coupling (same weights), and the IWAE bound for reference."""
     import torch
 
-    from tmcgraph import datasets, deep
+    from tmcgraph.data import mnist as mnist_data
+    from tmcgraph.models import mnist_vae
 
-    test_x = datasets.load_mnist(a.data, download=False).test_x[:limit_test]
+    test_x = mnist_data.load_mnist(a.data, download=False).test_x[:limit_test]
     out = {}
     for obj in ("iwae", "tmc"):
         ckpt = torch.load(runs / obj / "checkpoint.pt", map_location="cpu", weights_only=False)
         row = {}
-        for coupling in ("mixture", "paired"):
-            m, q = deep.build(a.recognition, coupling)
+        for coupling in ("mixture", "permutation", "paired"):
+            m, q = mnist_vae.build(a.recognition, coupling)
             m.load_state_dict(ckpt["model"])
             q.load_state_dict(ckpt["proposal"])
             ev = ex.evaluate(m, q, test_x, a.K, 500, seed=777)

@@ -53,11 +53,11 @@ def _mnist_step(K: int, batch: int):
     from perf_mnist import _images
 
     import tmcgraph as tg
-    from tmcgraph import deep
-    from tmcgraph.objectives import objective
+    from tmcgraph.infer.objectives import objective
+    from tmcgraph.models import mnist_vae
 
     torch.manual_seed(0)
-    model, proposal = deep.build("small")
+    model, proposal = mnist_vae.build("small")
     opt = torch.optim.Adam(list(model.parameters()) + list(proposal.parameters()), lr=1e-3)
     est = tg.TMC(model, proposal, K=K)
     x, _ = _images(batch)
@@ -89,7 +89,7 @@ def worker(workload: str, size: dict, reps: int, no_pyro: bool) -> dict:
     elif workload == "toy":
         from perf_toy import _params, hand_toy, tmc_toy
 
-        from tmcgraph.toys import gaussian_toy_data
+        from tmcgraph.models.toys import gaussian_toy_data
 
         x = gaussian_toy_data(size["N"], seed=1)
         p = _params()

@@ -32,8 +32,8 @@ from perf_toy import compare, pyro_or_none, pyro_tmc_loss, ratio
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.backends.log import fallback_count
-from tmcgraph.toys import gaussian_chain, gaussian_chain_log_evidence
+from tmcgraph.models.toys import gaussian_chain, gaussian_chain_log_evidence
+from tmcgraph.ops.backends.log import fallback_count
 
 __all__ = ["main"]
 

@@ -64,7 +64,7 @@ def _factors(R, K, limit=None):
     m, q, data = lattice(R, R)
     est = tg.TMC(m, q, K=K, memory_limit=limit)
     s = est.sample(data, seed=0)
-    return est, s, est.factors(s)
+    return est, s, est.factor_graph(s).factors
 
 
 def _search(eq, shapes, strategy, queue):
@@ -106,7 +106,7 @@ def child(R: int, K: int, limit, reps: int) -> dict:
     """Run in a fresh process: contract the lattice and report time and peak memory."""
     torch.set_num_threads(1)
     est, s, fs = _factors(R, K, limit)
-    plan = est.plan(fs, s.levels)
+    plan = est.plan(tg.FactorGraph(fs, s.ordinals))
     tensors = [f.tensor for f in fs]
     rss0 = _status("VmRSS")
     hwm0 = _status("VmHWM")
@@ -114,10 +114,10 @@ def child(R: int, K: int, limit, reps: int) -> dict:
     for _ in range(reps):
         t0 = time.perf_counter()
         with torch.no_grad():
-            value = float(tg.contract(plan, tensors))
+            value = float(tg.ops.contract(plan, tensors))
         times.append(time.perf_counter() - t0)
     with torch.no_grad():
-        v64 = float(tg.contract(plan, [t.double() for t in tensors])) if R * K <= 64 else None
+        v64 = float(tg.ops.contract(plan, [t.double() for t in tensors])) if R * K <= 64 else None
     return {"seconds": sorted(times)[len(times) // 2], "times_s": times, "value": value, "value_float64": v64,
             "peak_extra_bytes": max(_status("VmHWM"), hwm0) - rss0, "rss_before_bytes": rss0,
             "largest_tensor": plan.largest_tensor, "cost": plan.cost,
@@ -153,10 +153,10 @@ def main(argv=None) -> dict:
     strategies = ("greedy", "random-greedy", "dp", "optimal")
     rows = []
     for R, K in grid:
-        tg.plan_cache_clear()
+        tg.ops.plan_cache_clear()
         est, s, fs = _factors(R, K)
         t0 = time.perf_counter()
-        plan = est.plan(fs, s.levels)
+        plan = est.plan(tg.FactorGraph(fs, s.ordinals))
         plan_s = time.perf_counter() - t0
         (step,) = plan.steps
         shapes = [tuple(f.tensor.shape) for f in fs]
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
         runs["limit"] = run_child(R, K, limit, reps)
         runs["limit"]["memory_limit"] = limit
         try:
-            tg.TMC(*lattice(R, R)[:2], K=K, memory_limit=K - 1).plan(fs, s.levels)
+            tg.TMC(*lattice(R, R)[:2], K=K, memory_limit=K - 1).plan(tg.FactorGraph(fs, s.ordinals))
             too_small = {"raised": False}
         except tg.TMCGraphError as e:
             too_small = {"raised": True, "memory_limit": K - 1, "message": str(e)}

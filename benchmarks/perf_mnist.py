@@ -1,6 +1,6 @@
 """Share of a TMC training step on the five-layer MNIST chain spent outside the neural networks.
 
-One training step of :mod:`tmcgraph.deep`'s model with the ``"small"`` recognition model
+One training step of :mod:`tmcgraph.models.mnist_vae`'s model with the ``"small"`` recognition model
 (TMC objective, reparameterised gradients, Adam), K = 20, batch 128: sample, build
 factors, plan (cached), contract, backward, optimizer step.
 
@@ -46,12 +46,12 @@ __all__ = ["main"]
 
 def _images(batch: int):
     """``(images [batch, 784] in [0, 1], source)``: MNIST training images, or uniform noise if absent."""
-    from tmcgraph import datasets
+    from tmcgraph.data import mnist as mnist_data
 
     shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
     for root in (None, shared):
         try:
-            mn = datasets.load_mnist(root, download=False)
+            mn = mnist_data.load_mnist(root, download=False)
             return mn.train_images[:batch].reshape(batch, -1).float() / 255.0, str(mn.root)
         except Exception:
             continue
@@ -109,16 +109,16 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads, args.allocator)
     try:
-        from tmcgraph import deep
-        from tmcgraph.objectives import objective
+        from tmcgraph.infer.objectives import objective
+        from tmcgraph.models import mnist_vae
     except ImportError as e:
-        print(f"tmcgraph.deep / tmcgraph.objectives not available ({e}); skipping the MNIST benchmark")
+        print(f"tmcgraph.models.mnist_vae not available ({e}); skipping the MNIST benchmark")
         return {"skipped": str(e)}
     K = args.K or (3 if args.quick else 20)
     B = args.batch or (8 if args.quick else 128)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
     torch.manual_seed(0)
-    model, proposal = deep.build("small")
+    model, proposal = mnist_vae.build("small")
     params = list(model.parameters()) + list(proposal.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     est = tg.TMC(model, proposal, K=K)

@@ -1,7 +1,7 @@
 """Planning overhead: later calls on the same structure and shapes do no path search.
 
 For several models (Gaussian toy, Gaussian chain, a 3 x 3 lattice, and the MNIST chain
-when :mod:`tmcgraph.deep` is available) the plan cache is cleared, then the estimator
+when :mod:`tmcgraph.models.mnist_vae` is available) the plan cache is cleared, then the estimator
 is called repeatedly on same-shaped data. Reported per model: path searches on the
 first call and on all later calls (from :func:`tmcgraph.plan_cache_info`, which counts
 every search), the time of an uncached ``make_plan`` (the search) against a cached
@@ -24,8 +24,8 @@ from _common import base_parser, command_line, machine_info, output_paths, pyplo
 from perf_lattice import lattice
 
 import tmcgraph as tg
-from tmcgraph.plan import _cached_plan
-from tmcgraph.toys import gaussian_chain, gaussian_toy, gaussian_toy_data
+from tmcgraph.models.toys import gaussian_chain, gaussian_toy, gaussian_toy_data
+from tmcgraph.ops.plan import _cached_plan
 
 __all__ = ["main"]
 
@@ -41,12 +41,12 @@ def _models(quick: bool):
     m, q, data = lattice(R, R)
     yield f"lattice {R}x{R}", tg.TMC(m, q, K=K), (lambda _: data), None
     try:
-        from tmcgraph import deep
+        from tmcgraph.models import mnist_vae
     except ImportError as e:
-        print(f"tmcgraph.deep not available ({e}); skipping the MNIST chain")
+        print(f"tmcgraph.models.mnist_vae not available ({e}); skipping the MNIST chain")
         return
     torch.manual_seed(0)
-    m, q = deep.build("small")
+    m, q = mnist_vae.build("small")
     B = (4, 6) if quick else (128, 64)
     yield "mnist chain", tg.TMC(m, q, K=3 if quick else 20), (lambda b: {"x": torch.rand(b, 784)}), B
 
@@ -60,42 +60,42 @@ def main(argv=None) -> dict:
     for name, est, make, sizes in _models(args.quick):
         size0 = sizes[0] if sizes else None
         data = make(size0)
-        tg.plan_cache_clear()
+        tg.ops.plan_cache_clear()
         t0 = time.perf_counter()
         with torch.no_grad():
             est.log_evidence(data, seed=0)
         first_s = time.perf_counter() - t0
-        first_searches = tg.plan_cache_info()["searches"]
+        first_searches = tg.ops.plan_cache_info()["searches"]
         later = []
         for r in range(reps):
             t0 = time.perf_counter()
             with torch.no_grad():
                 est.log_evidence(data, seed=r + 1)
             later.append(time.perf_counter() - t0)
-        later_searches = tg.plan_cache_info()["searches"] - first_searches
+        later_searches = tg.ops.plan_cache_info()["searches"] - first_searches
         s = est.sample(data, seed=0)
-        fs = est.factors(s)
+        fs = est.factor_graph(s).factors
         t0 = time.perf_counter()
         for _ in range(reps):
-            est.plan(fs, s.levels)
+            est.plan(tg.FactorGraph(fs, s.ordinals))
         cached_s = (time.perf_counter() - t0) / reps
         t0 = time.perf_counter()
         for _ in range(reps):
-            _cached_plan.__wrapped__(*_key(est, fs, s.levels))
+            _cached_plan.__wrapped__(*_key(est, fs, s.ordinals))
         search_s = (time.perf_counter() - t0) / reps
         row = {"model": name, "first_call_searches": first_searches, "later_calls_searches": later_searches,
                "later_calls": reps, "first_call_s": first_s, "later_call_median_s": statistics.median(later),
                "plan_search_s": search_s, "plan_cached_lookup_s": cached_s,
                "search_over_lookup": search_s / cached_s}
         if sizes:
-            before = tg.plan_cache_info()["searches"]
+            before = tg.ops.plan_cache_info()["searches"]
             with torch.no_grad():
                 est.log_evidence(make(sizes[1]), seed=0)
-            mid = tg.plan_cache_info()["searches"]
+            mid = tg.ops.plan_cache_info()["searches"]
             with torch.no_grad():
                 est.log_evidence(make(size0), seed=0)
             row["new_shape_searches"] = mid - before
-            row["back_to_first_shape_searches"] = tg.plan_cache_info()["searches"] - mid
+            row["back_to_first_shape_searches"] = tg.ops.plan_cache_info()["searches"] - mid
         rows.append(row)
         print(f"{name:14s}: searches first call {first_searches}, next {reps} calls {later_searches}"
               + (f", new shape {row['new_shape_searches']}, back to first shape {row['back_to_first_shape_searches']}"
@@ -124,8 +124,8 @@ def main(argv=None) -> dict:
 
 
 def _key(est, fs, levels):
-    structure = tuple((f.dims, f.plates, tuple(f.tensor.shape)) for f in fs)
-    used = {d for f in fs for d in f.dims}
+    structure = tuple((f.sample_dims, f.plates, tuple(f.tensor.shape)) for f in fs)
+    used = {d for f in fs for d in f.sample_dims}
     lv = tuple(sorted((d, tuple(levels[d])) for d in used))
     return structure, lv, None, est.strategy, est.memory_limit
 

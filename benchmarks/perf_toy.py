@@ -37,7 +37,7 @@ from _common import (
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.toys import gaussian_toy_data, gaussian_toy_log_evidence
+from tmcgraph.models.toys import gaussian_toy_data, gaussian_toy_log_evidence
 
 __all__ = ["main", "compare", "pyro_or_none", "ratio"]
 

@@ -44,8 +44,8 @@ from _common import (  # noqa: E402
 )
 
 import tmcgraph as tg  # noqa: E402
-from tmcgraph.smc import SMC  # noqa: E402
-from tmcgraph.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence  # noqa: E402
+from tmcgraph.infer.smc import SMC  # noqa: E402
+from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence  # noqa: E402
 
 NAME = "toy_tmc_smc_iwae"
 METHODS = ("TMC", "SMC", "IWAE")

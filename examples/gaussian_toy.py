@@ -18,7 +18,7 @@ import time
 import torch
 
 import tmcgraph as tg
-from tmcgraph.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
+from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
 
 
 def _positive(s: str) -> int:

@@ -36,8 +36,8 @@ from torch import nn
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.queries import posterior, predictive_log_likelihood
-from tmcgraph.rws import RWS
+from tmcgraph.infer.posterior import posterior, predictive_log_likelihood
+from tmcgraph.infer.rws import RWS
 
 TAU = 1.0
 SIGMA = 0.5

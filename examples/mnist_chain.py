@@ -29,8 +29,11 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's tmcgraph
 
 import tmcgraph as tg  # noqa: E402
-from tmcgraph import datasets, deep  # noqa: E402
-from tmcgraph.objectives import GRADS, bound, objective  # noqa: E402
+from tmcgraph.contrib import allocator  # noqa: E402
+from tmcgraph.data import mnist as mnist_data  # noqa: E402
+from tmcgraph.infer.objectives import GRADS, bound, objective  # noqa: E402
+from tmcgraph.models import mnist_vae  # noqa: E402
+from tmcgraph.sampling.couplings import COUPLINGS, DEFAULT  # noqa: E402
 
 OBJECTIVES = {"tmc": tg.TMC, "iwae": tg.IWAE}
 #: Options that must match for ``--resume``.
@@ -44,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="tmc", help="training objective")
     p.add_argument("--grad", choices=GRADS, default="reparam", help="gradient estimator")
-    p.add_argument("--recognition", choices=deep.RECOGNITION, default="small", help="recognition model")
-    p.add_argument("--coupling", choices=tg.COUPLINGS, default="mixture",
+    p.add_argument("--recognition", choices=mnist_vae.RECOGNITION, default="small", help="recognition model")
+    p.add_argument("--coupling", choices=sorted(COUPLINGS), default=DEFAULT,
                    help="coupling of the non-factorised recognition layers")
     p.add_argument("--K", type=int, default=20, help="particles per latent (TMC) or joint samples (IWAE)")
     p.add_argument("--eval-K", type=int, default=None, help="particles for the test bounds (default: --K)")
@@ -157,7 +160,7 @@ def plot_reconstructions(model, proposal, x: torch.Tensor, path: pathlib.Path, n
     import matplotlib.pyplot as plt
 
     x = x[:n]
-    r = deep.reconstruct(model, proposal, x).cpu()
+    r = mnist_vae.reconstruct(model, proposal, x).cpu()
     fig, axes = plt.subplots(2, len(x), figsize=(len(x), 2.2))
     for i in range(len(x)):
         for row, img in ((0, x[i].cpu()), (1, r[i])):
@@ -191,17 +194,17 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.allocator == "tuned":
-        tg.tune_allocator()
+        allocator.tune_allocator()
     device = torch.device(a.device)
-    data = datasets.load_mnist(a.data, download=not a.no_download)
+    data = mnist_data.load_mnist(a.data, download=not a.no_download)
     train_x = data.train_x[: a.limit_train]
     test_x = data.test_x[: a.limit_test]
     if a.binarize:
-        test_x = datasets.binarize(test_x, torch.Generator().manual_seed(0))
+        test_x = mnist_data.binarize(test_x, torch.Generator().manual_seed(0))
     test_x = test_x.to(device)
 
     torch.manual_seed(a.seed)
-    model, proposal = deep.build(a.recognition, a.coupling)
+    model, proposal = mnist_vae.build(a.recognition, a.coupling)
     model.to(device)
     proposal.to(device)
     est = OBJECTIVES[a.objective](model, proposal, K=a.K, device=device)
@@ -225,8 +228,8 @@ def main(argv=None) -> dict:
 
     for epoch in range(start + 1, a.epochs + 1):
         t0 = time.perf_counter()
-        xs = datasets.binarize(train_x, shuffle) if a.binarize else train_x
-        idx = datasets.batches(len(xs), a.batch_size, shuffle=True, generator=shuffle)
+        xs = mnist_data.binarize(train_x, shuffle) if a.binarize else train_x
+        idx = mnist_data.batches(len(xs), a.batch_size, shuffle=True, generator=shuffle)
         bar = tqdm(idx, desc=f"epoch {epoch}/{a.epochs}", disable=a.no_progress, leave=False, file=sys.stderr)
         run_sum, run_n = 0.0, 0
         for step, ib in enumerate(bar):

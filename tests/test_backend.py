@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tmcgraph as tg
-from tmcgraph.backends import log as logb
-from tmcgraph.plan import MAX_SLICES
+from tmcgraph.models import toys
+from tmcgraph.ops.backends import log as logb
+from tmcgraph.ops.slicing import MAX_SLICES
 
 SETTINGS = dict(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64]
@@ -163,17 +164,17 @@ def test_all_minus_inf_operands_give_minus_inf_and_zero_gradient():
 # ---------------------------------------------------------------- planning
 
 def _chain_factors(n, K, seed=0):
-    m, q = tg.toys.gaussian_chain(n, "factorised")
+    m, q = toys.gaussian_chain(n, "factorised")
     est = tg.TMC(m, q, K=K)
     s = est.sample({"x": torch.tensor(0.3)}, seed=seed)
-    return est, s, est.factors(s)
+    return est, s, est.factor_graph(s).factors
 
 
 def test_chain_plan_is_vector_matrix():
     """Variable elimination keeps every intermediate a vector: cost linear in n, largest K."""
     n, K = 60, 50
     est, s, fs = _chain_factors(n, K)
-    plan = est.plan(fs, s.levels)
+    plan = est.plan(tg.FactorGraph(fs, s.ordinals))
     assert plan.largest_intermediate <= K
     assert plan.cost <= 3 * (n + 1) * K * K
 
@@ -200,17 +201,17 @@ def test_memory_limit_slices_and_keeps_value_and_gradient(f64, limit):
     m, q, data = _lattice(R)
     free = tg.TMC(m, q, K=K)
     s = free.sample(data, seed=3)
-    fs = [tg.Factor(f.name, f.tensor.detach().requires_grad_(), f.dims, f.plates) for f in free.factors(s)]
-    p0 = free.plan(fs, s.levels)
+    fs = [f.with_tensor(f.tensor.detach().requires_grad_()) for f in free.factor_graph(s).factors]
+    p0 = free.plan(tg.FactorGraph(fs, s.ordinals))
     assert p0.largest_tensor > limit
-    p1 = tg.TMC(m, q, K=K, memory_limit=limit).plan(fs, s.levels)
+    p1 = tg.TMC(m, q, K=K, memory_limit=limit).plan(tg.FactorGraph(fs, s.ordinals))
     assert p1.largest_tensor <= limit
     assert any(st.sliced for st in p1.steps)
-    v0 = tg.contract(p0, [f.tensor for f in fs])
+    v0 = tg.ops.contract(p0, [f.tensor for f in fs])
     g0 = torch.autograd.grad(v0, [f.tensor for f in fs])
-    v1 = tg.contract(p1, [f.tensor for f in fs])
+    v1 = tg.ops.contract(p1, [f.tensor for f in fs])
     g1 = torch.autograd.grad(v1, [f.tensor for f in fs])
-    bf = tg.brute_force(fs, s.levels) if K ** (R * R) <= 300_000 else v0
+    bf = tg.brute_force(tg.FactorGraph(fs, s.ordinals)) if K ** (R * R) <= 300_000 else v0
     v0, v1, bf = float(v0.detach()), float(v1.detach()), float(bf.detach())
     assert abs(v1 - bf) < 1e-9 and abs(v0 - bf) < 1e-9
     for a, b in zip(g0, g1):
@@ -218,19 +219,19 @@ def test_memory_limit_slices_and_keeps_value_and_gradient(f64, limit):
 
 
 def test_memory_limit_on_plated_model(f64):
-    m, q = tg.toys.gaussian_toy()
-    x = tg.toys.gaussian_toy_data(6)
+    m, q = toys.gaussian_toy()
+    x = toys.gaussian_toy_data(6)
     v0 = tg.TMC(m, q, K=5).log_evidence({"x": x}, seed=1)
     est = tg.TMC(m, q, K=5, memory_limit=30)  # the plate step's result is K x N = 30
     r = est.run({"x": x}, seed=1)
     assert r.plan.largest_tensor <= 30 and any(st.sliced for st in r.plan.steps)
     assert abs(float(r.log_evidence) - float(v0)) < 1e-10
-    assert abs(float(r.log_evidence) - float(tg.brute_force(r.factors, r.samples.levels))) < 1e-10
+    assert abs(float(r.log_evidence) - float(tg.brute_force(r.graph))) < 1e-10
 
 
 def test_unmeetable_memory_limit_raises_before_contracting():
-    m, q = tg.toys.gaussian_toy()
-    x = tg.toys.gaussian_toy_data(50)
+    m, q = toys.gaussian_toy()
+    x = toys.gaussian_toy_data(50)
     msg = r"memory_limit=10 elements cannot be met.*'theta', 'data'\] has 400 elements"
     with pytest.raises(tg.TMCGraphError, match=msg):
         tg.TMC(m, q, K=8, memory_limit=10).log_evidence({"x": x}, seed=0)  # the plate result alone is 8 x 50
@@ -241,9 +242,9 @@ def test_unmeetable_memory_limit_raises_before_contracting():
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, "lots"])
 def test_invalid_memory_limit_is_rejected(bad):
-    m, q = tg.toys.gaussian_toy()
+    m, q = toys.gaussian_toy()
     with pytest.raises((tg.TMCGraphError, TypeError, ValueError)):
-        tg.TMC(m, q, K=2, memory_limit=bad).log_evidence({"x": tg.toys.gaussian_toy_data(3)}, seed=0)
+        tg.TMC(m, q, K=2, memory_limit=bad).log_evidence({"x": toys.gaussian_toy_data(3)}, seed=0)
 
 
 def test_auto_plan_no_worse_than_opt_einsum_greedy_on_lattice():
@@ -252,8 +253,8 @@ def test_auto_plan_no_worse_than_opt_einsum_greedy_on_lattice():
     m, q, data = _lattice(4)
     est = tg.TMC(m, q, K=6)
     s = est.sample(data, seed=0)
-    fs = est.factors(s)
-    plan = est.plan(fs, s.levels)
+    fs = est.factor_graph(s).factors
+    plan = est.plan(tg.FactorGraph(fs, s.ordinals))
     _, info = oe.contract_path(plan.steps[0].equation, *[tuple(f.tensor.shape) for f in fs], shapes=True,
                                optimize="greedy")
     assert plan.cost <= int(info.opt_cost)

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tmcgraph as tg
-from tmcgraph import datasets
+from tmcgraph.data import mnist as mnist_data
 
-NAMES = list(datasets.FILES.values())
+NAMES = list(mnist_data.FILES.values())
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -46,13 +46,13 @@ def write_tiny_mnist(d, n_train=12, n_test=5, seed=0):
 def tiny(tmp_path, monkeypatch):
     d = tmp_path / "mnist"
     arrays, sums = write_tiny_mnist(d)
-    monkeypatch.setattr(datasets, "CHECKSUMS", sums)
+    monkeypatch.setattr(mnist_data, "CHECKSUMS", sums)
     return d, arrays, sums
 
 
 def test_loads_the_tiny_files_exactly(tiny):
     d, arrays, _ = tiny
-    m = datasets.load_mnist(d, download=False)
+    m = mnist_data.load_mnist(d, download=False)
     assert np.array_equal(m.train_images.numpy(), arrays["train-images-idx3-ubyte.gz"])
     assert np.array_equal(m.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte.gz"])
     assert m.train_x.shape == (12, 784) and m.test_x.shape == (5, 784)
@@ -69,7 +69,7 @@ def test_corrupt_content_fails_checksum_and_is_not_overwritten(tiny):
         f.write(idx_bytes(a))
     before = path.read_bytes()
     with pytest.raises(tg.TMCGraphError, match="t10k-images-idx3-ubyte.gz.*corrupt: MD5") as e:
-        datasets.load_mnist(d)  # download allowed: still no overwrite
+        mnist_data.load_mnist(d)  # download allowed: still no overwrite
     assert str(d) in str(e.value)
     assert path.read_bytes() == before
 
@@ -80,18 +80,18 @@ def test_size_mismatch_and_truncated_files(tiny, monkeypatch):
     with gzip.open(path, "wb") as f:
         f.write(idx_bytes(arrays["train-labels-idx1-ubyte.gz"])[:-3])
     with pytest.raises(tg.TMCGraphError, match="train-labels-idx1-ubyte.gz.*decompressed size"):
-        datasets.load_mnist(d, download=False)
+        mnist_data.load_mnist(d, download=False)
     # without a checksum entry the IDX header is checked against the data
-    monkeypatch.setattr(datasets, "CHECKSUMS", {})
+    monkeypatch.setattr(mnist_data, "CHECKSUMS", {})
     with pytest.raises(tg.TMCGraphError, match=r"header says shape \(12,\).*holds 9 bytes"):
-        datasets.load_mnist(d, download=False)
+        mnist_data.load_mnist(d, download=False)
     path.write_bytes(b"not gzip at all")
     with pytest.raises(tg.TMCGraphError, match="not a readable gzip file"):
-        datasets.read_idx(path)
+        mnist_data.read_idx(path)
     with gzip.open(path, "wb") as f:
         f.write(b"\x01\x02\x03\x04rest")
     with pytest.raises(tg.TMCGraphError, match="bad magic"):
-        datasets.read_idx(path)
+        mnist_data.read_idx(path)
 
 
 def test_image_label_count_mismatch(tmp_path, monkeypatch):
@@ -102,65 +102,65 @@ def test_image_label_count_mismatch(tmp_path, monkeypatch):
     with gzip.open(d / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(raw)
     sums["train-labels-idx1-ubyte.gz"] = (hashlib.md5(raw).hexdigest(), len(raw))
-    monkeypatch.setattr(datasets, "CHECKSUMS", sums)
+    monkeypatch.setattr(mnist_data, "CHECKSUMS", sums)
     with pytest.raises(tg.TMCGraphError, match="do not match labels"):
-        datasets.load_mnist(d, download=False)
+        mnist_data.load_mnist(d, download=False)
 
 
 def test_missing_files_without_network_name_directory_and_files(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(datasets, "urlopen", no_network)
+    monkeypatch.setattr(mnist_data, "urlopen", no_network)
     d = tmp_path / "empty"
     with pytest.raises(tg.TMCGraphError) as e:
-        datasets.load_mnist(d)
+        mnist_data.load_mnist(d)
     msg = str(e.value)
     assert str(d) in msg and all(n in msg for n in NAMES) and "network unreachable" in msg
     assert list(d.iterdir()) == []  # no partial downloads left behind
     with pytest.raises(tg.TMCGraphError, match="downloading is off") as e:
-        datasets.load_mnist(tmp_path / "nowhere", download=False)
+        mnist_data.load_mnist(tmp_path / "nowhere", download=False)
     assert all(n in str(e.value) for n in NAMES)
 
 
 def test_download_verifies_and_installs_files(tmp_path, monkeypatch):
     src = tmp_path / "server"
     arrays, sums = write_tiny_mnist(src, seed=3)
-    monkeypatch.setattr(datasets, "CHECKSUMS", sums)
+    monkeypatch.setattr(mnist_data, "CHECKSUMS", sums)
     served = []
 
     def fake_urlopen(url, timeout=None):
         served.append(url)
         return io.BytesIO((src / url.rsplit("/", 1)[1]).read_bytes())
 
-    monkeypatch.setattr(datasets, "urlopen", fake_urlopen)
+    monkeypatch.setattr(mnist_data, "urlopen", fake_urlopen)
     d = tmp_path / "cache"
-    m = datasets.load_mnist(d)
-    assert len(served) == 4 and all(u.startswith(datasets.MIRRORS[0]) for u in served)
+    m = mnist_data.load_mnist(d)
+    assert len(served) == 4 and all(u.startswith(mnist_data.MIRRORS[0]) for u in served)
     assert np.array_equal(m.train_images.numpy(), arrays["train-images-idx3-ubyte.gz"])
     assert sorted(p.name for p in d.iterdir()) == sorted(NAMES)
 
     # a mirror serving corrupt content: rejected by every mirror, nothing installed
     bad = tmp_path / "bad"
-    monkeypatch.setattr(datasets, "urlopen", lambda url, timeout=None: io.BytesIO(gzip.compress(b"\0\0\x08\x01junk")))
+    monkeypatch.setattr(mnist_data, "urlopen", lambda url, timeout=None: io.BytesIO(gzip.compress(b"\0\0\x08\x01junk")))
     with pytest.raises(tg.TMCGraphError, match="download failed") as e:
-        datasets.load_mnist(bad)
+        mnist_data.load_mnist(bad)
     assert str(bad) in str(e.value) and "corrupt" in str(e.value)
     assert list(bad.iterdir()) == []
 
 
 def test_directory_resolution(tmp_path, monkeypatch):
-    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    monkeypatch.delenv(mnist_data.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert datasets.mnist_dir() == tmp_path / "xdg" / "tmcgraph" / "mnist"
+    assert mnist_data.mnist_dir() == tmp_path / "xdg" / "tmcgraph" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert datasets.mnist_dir() == tmp_path / "home" / ".cache" / "tmcgraph" / "mnist"
-    monkeypatch.setenv(datasets.ENV_VAR, str(tmp_path / "env"))
-    assert datasets.mnist_dir() == tmp_path / "env"
-    assert datasets.mnist_dir(tmp_path / "arg") == tmp_path / "arg"  # the argument wins
+    assert mnist_data.mnist_dir() == tmp_path / "home" / ".cache" / "tmcgraph" / "mnist"
+    monkeypatch.setenv(mnist_data.ENV_VAR, str(tmp_path / "env"))
+    assert mnist_data.mnist_dir() == tmp_path / "env"
+    assert mnist_data.mnist_dir(tmp_path / "arg") == tmp_path / "arg"  # the argument wins
     write_tiny_mnist(tmp_path / "root" / "mnist")
-    assert datasets.mnist_dir(tmp_path / "root") == tmp_path / "root" / "mnist"
+    assert mnist_data.mnist_dir(tmp_path / "root") == tmp_path / "root" / "mnist"
 
 
 @settings(max_examples=25, deadline=None)
@@ -169,24 +169,24 @@ def test_idx_round_trip(tmp_path_factory, shape, seed):
     a = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     p = tmp_path_factory.mktemp("idx") / "x.gz"
     p.write_bytes(gzip.compress(idx_bytes(a)))
-    assert np.array_equal(datasets.read_idx(p), a)
+    assert np.array_equal(mnist_data.read_idx(p), a)
 
 
 def test_binarize_and_batches():
     g = torch.Generator().manual_seed(0)
     x = torch.full((2000, 784), 0.3)
-    b = datasets.binarize(x, g)
+    b = mnist_data.binarize(x, g)
     assert set(b.unique().tolist()) <= {0.0, 1.0}
     assert abs(float(b.mean()) - 0.3) < 4 * (0.3 * 0.7 / b.numel()) ** 0.5
-    idx = datasets.batches(10, 4, generator=g)
+    idx = mnist_data.batches(10, 4, generator=g)
     assert [len(i) for i in idx] == [4, 4, 2]
     assert sorted(torch.cat(idx).tolist()) == list(range(10))
     with pytest.raises(tg.TMCGraphError, match="batch_size"):
-        datasets.batches(10, 0)
+        mnist_data.batches(10, 0)
 
 
 def test_shared_mnist_files(mnist_dir):
-    m = datasets.load_mnist(mnist_dir, download=False)  # verifies sizes and checksums
+    m = mnist_data.load_mnist(mnist_dir, download=False)  # verifies sizes and checksums
     assert m.train_images.shape == (60000, 28, 28) and m.test_images.shape == (10000, 28, 28)
     assert m.train_labels.bincount().tolist()[:3] == [5923, 6742, 5958]
     assert m.test_labels.bincount().sum() == 10000

@@ -243,8 +243,12 @@ def test_declaration_errors():
     with raises("takes \\*args/\\*\\*kwargs"):
         m.latent("b", lambda *a: Normal(0.0, 1.0))
     q = tg.Proposal(m)
-    with raises("coupling must be one of"):
-        q.latent("a", lambda: Normal(0.0, 1.0), coupling="grid")
+    with raises("coupling must be a name or a coupling object"):
+        q.latent("a", lambda: Normal(0.0, 1.0), coupling=3)
+    q2 = tg.Proposal(m)
+    q2.latent("a", lambda: Normal(0.0, 1.0), coupling="grid")  # names are checked when an estimator is built
+    with raises("proposal for 'a': unknown coupling 'grid'"):
+        tg.TMC(m, q2)
     with raises("K must be a positive integer"):
         q.latent("a", lambda: Normal(0.0, 1.0), K=0)
     with raises("plates \\('data',\\) but the model declares \\(\\)"):

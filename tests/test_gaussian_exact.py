@@ -15,8 +15,8 @@ from lingauss import LinearGaussian
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.factors import Factor
-from tmcgraph.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
+from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
+from tmcgraph.ops import Factor
 
 R = 3000
 
@@ -181,11 +181,11 @@ def test_plated_model_with_shared_global_latent_unbiased(f64, coupling):
 
 # ---------------------------------------------- the wrong densities are detectably biased
 def _replace(factors, name, tensor):
-    return [Factor(f.name, tensor, f.dims, f.plates) if f.name == name else f for f in factors]
+    return [Factor(f.name, tensor, f.sample_dims, f.plates) if f.name == name else f for f in factors]
 
 
 def _contract_rep(est, factors, levels):
-    return tg.contract(est.plan(factors, levels, keep="rep"), [f.tensor for f in factors])
+    return tg.ops.contract(est.plan(tg.FactorGraph(factors, levels, keep="rep")), [f.tensor for f in factors])
 
 
 def test_grid_proposal_density_is_biased_but_mixture_density_is_not(f64):
@@ -197,13 +197,13 @@ def test_grid_proposal_density_is_biased_but_mixture_density_is_not(f64):
     assert_unbiased(r.log_evidence, truth)
     s = r.samples
     fz = next(f for f in r.factors if f.name == "z")
-    assert fz.dims == ("z", "theta")
+    assert fz.sample_dims == ("z", "theta")
     th = s.values["theta"][None, :, :, None]  # [1, K_theta, R, 1]
     zz = s.values["z"][:, None]  # [K_z, 1, R, N]
     x = torch.tensor(XTOY)
     lq_grid = Normal(0.5 * th + 0.4 * x, 0.9).log_prob(zz)  # [K_z, K_theta, R, N]
     wrong = fz.tensor + s.log_q["z"][:, None] - lq_grid
-    biased = _contract_rep(est, _replace(r.factors, "z", wrong), s.levels)
+    biased = _contract_rep(est, _replace(r.factors, "z", wrong), s.ordinals)
     z, _ = z_score(biased, truth)
     assert abs(z) > 5, f"grid density should be detectably biased, z = {z:.2f}"
 
@@ -217,6 +217,6 @@ def test_cancelling_prior_sampled_site_is_biased(f64):
     assert_unbiased(r.log_evidence, truth)
     fz = next(f for f in r.factors if f.name == "z")
     wrong = torch.full_like(fz.tensor, -math.log(3))
-    biased = _contract_rep(est, _replace(r.factors, "z", wrong), r.samples.levels)
+    biased = _contract_rep(est, _replace(r.factors, "z", wrong), r.samples.ordinals)
     z, _ = z_score(biased, truth)
     assert abs(z) > 5, f"cancelled prior factor should be detectably biased, z = {z:.2f}"

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributions import Bernoulli, Categorical, Independent, MultivariateNormal, Normal
 
 import tmcgraph as tg
-from tmcgraph.deep import DiagNormal
+from tmcgraph.models.mnist_vae import DiagNormal
 
 D = 2  # event size of the vector families
 N = 3  # plate size
@@ -173,7 +173,7 @@ def test_log_q_and_estimate_match_brute_force(family, detach):
     # The estimate: same particles (same seed), factors from the brute-force densities,
     # summed over every index combination.
     s.log_q.update(brute)
-    truth = tg.brute_force(est.factors(s), s.levels)
+    truth = tg.brute_force(est.factor_graph(s))
     with torch.no_grad():
         got = est.log_evidence(data(), seed=5)
     assert abs(float(got.detach()) - float(truth.detach())) < 1e-10

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from torch.distributions import Independent, Normal
 
 import tmcgraph as tg
-from tmcgraph import datasets, deep
-from tmcgraph.objectives import bound
+from tmcgraph.data import mnist as mnist_data
+from tmcgraph.infer.objectives import bound
+from tmcgraph.models import mnist_vae
 
 
 def load(path, name):
@@ -60,7 +61,7 @@ def tiny_mnist(tmp_path, monkeypatch):
         with gzip.open(d / name, "wb") as f:
             f.write(raw)
         sums[name] = (hashlib.md5(raw).hexdigest(), len(raw))
-    monkeypatch.setattr(datasets, "CHECKSUMS", sums)
+    monkeypatch.setattr(mnist_data, "CHECKSUMS", sums)
     return d
 
 
@@ -77,7 +78,7 @@ def test_diag_normal_grid_log_density_equals_independent_normal(kv, kp, b, f, se
     v = torch.randn(kv, 1, b, f, generator=g, dtype=torch.float64) * 2
     loc = torch.randn(1, kp, b, f, generator=g, dtype=torch.float64) * 2
     scale = torch.rand(1, kp, b, f, generator=g, dtype=torch.float64) * spread + 0.01
-    got = deep.DiagNormal(loc, scale).log_prob(v)
+    got = mnist_vae.DiagNormal(loc, scale).log_prob(v)
     want = Independent(Normal(loc, scale), 1).log_prob(v)
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-6)
@@ -100,7 +101,7 @@ def test_diag_normal_grid_any_broadcast_pattern_values_and_gradients(pattern, si
     loc = (torch.randn(*ls, f, generator=g, dtype=torch.float64) * 2).requires_grad_()
     scale = (torch.rand(*ls, f, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
     w = torch.randn(torch.broadcast_shapes(v.shape[:-1], loc.shape[:-1]), generator=g, dtype=torch.float64)
-    got = deep.DiagNormal(loc, scale).log_prob(v)
+    got = mnist_vae.DiagNormal(loc, scale).log_prob(v)
     want = Independent(Normal(loc, scale), 1).log_prob(v)
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-8)
@@ -111,17 +112,17 @@ def test_diag_normal_grid_any_broadcast_pattern_values_and_gradients(pattern, si
 
 
 def test_diag_normal_samples_and_expand():
-    d = deep.DiagNormal(torch.zeros(3, 2), torch.full((3, 2), 2.0))
+    d = mnist_vae.DiagNormal(torch.zeros(3, 2), torch.full((3, 2), 2.0))
     assert d.batch_shape == (3,) and d.event_shape == (2,)
     z = d.expand((5, 3)).rsample()
     assert z.shape == (5, 3, 2)
-    big = deep.DiagNormal(torch.tensor([1.0]), torch.tensor([2.0])).rsample((20000,))
+    big = mnist_vae.DiagNormal(torch.tensor([1.0]), torch.tensor([2.0])).rsample((20000,))
     assert abs(float(big.mean()) - 1.0) < 4 * 2 / math.sqrt(20000)
     assert abs(float(big.std()) - 2.0) < 0.05
 
 
 def test_architecture_matches_the_paper():
-    m, q = deep.build("small")
+    m, q = mnist_vae.build("small")
     assert m.latents == ["z5", "z4", "z3", "z2", "z1"]
     assert [m[n].parents for n in ("z4", "z3", "z2", "z1", "x")] == [("z5",), ("z4",), ("z3",), ("z2",), ("z1",)]
     # generative MLP widths: twice the parent layer (8, 16, 32, 64, 128)
@@ -131,28 +132,28 @@ def test_architecture_matches_the_paper():
     assert [q[n].parents for n in ("z1", "z2", "z3", "z4", "z5")] == [("x",), ("z1",), ("z2",), ("z3",), ("z4",)]
     assert all(q[n].coupling == "mixture" for n in q.variables)
     assert [q.fns[n].mlp[0].v.shape[0] for n in ("z1", "z2", "z3", "z4", "z5")] == [128, 64, 32, 16, 8]
-    _, ql = deep.build("large", coupling="paired")
+    _, ql = mnist_vae.build("large", coupling="paired")
     assert [ql.fns[n].mlp[0].v.shape[0] for n in ("z1", "z2", "z3", "z4", "z5")] == [512, 256, 128, 64, 32]
     assert all(ql[n].coupling == "paired" for n in ql.variables)
-    _, qf = deep.build("factorised")
+    _, qf = mnist_vae.build("factorised")
     assert all(qf[n].parents == ("x",) for n in qf.variables)
     with pytest.raises(tg.TMCGraphError, match="recognition must be one of"):
-        deep.build("medium")
+        mnist_vae.build("medium")
 
 
 def test_weight_norm_and_std_floor():
-    lin = deep.WNLinear(5, 3)
+    lin = mnist_vae.WNLinear(5, 3)
     with torch.no_grad():
         lin.g.mul_(2.0)
     w = lin.v * (lin.g / lin.v.norm(dim=1))[:, None]
     assert torch.allclose(w.norm(dim=1), lin.g)
     x = torch.randn(4, 5)
     assert torch.allclose(lin(x), x @ w.T + lin.bias)
-    assert float(deep.std_nonlin(torch.tensor(-50.0))) == pytest.approx(0.01)
+    assert float(mnist_vae.std_nonlin(torch.tensor(-50.0))) == pytest.approx(0.01)
 
 
 def test_bernoulli_grey_level_targets():
-    m, _ = deep.build("small")
+    m, _ = mnist_vae.build("small")
     z1 = torch.randn(2, 64)
     x = torch.rand(2, 784)
     d = m["x"].dist({"z1": z1})
@@ -165,13 +166,13 @@ def test_bernoulli_grey_level_targets():
 def test_deep_model_tmc_and_iwae_equal_enumeration(f64, recognition, coupling):
     """TMC over all K^5 combinations and IWAE over K joint samples, per image, by enumeration."""
     torch.manual_seed(0)
-    m, q = deep.build(recognition, coupling)
+    m, q = mnist_vae.build(recognition, coupling)
     m.double()
     q.double()
     x = torch.rand(2, 784, dtype=torch.float64)
     est = tg.TMC(m, q, K=2)
     s = est.sample({"x": x}, seed=1)
-    oracle = tg.brute_force(est.factors(s), s.levels, keep="data")
+    oracle = tg.brute_force(est.factor_graph(s).with_keep("data"))
     assert torch.allclose(bound(est, {"x": x}, seed=1), oracle, rtol=1e-9)
     iw = tg.IWAE(m, q, K=3)
     s = iw.sample({"x": x}, seed=2)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.objectives import GRADS, bound, objective
+from tmcgraph.infer.objectives import GRADS, bound, objective
 
 
 class Lik(nn.Module):
@@ -141,8 +141,8 @@ def all_combinations(factors, dims):
     total = 0
     for f in factors:
         t = f.tensor
-        shape = [t.shape[f.dims.index(d)] if d in f.dims else 1 for d in dims] + [t.shape[-1]]
-        perm = [f.dims.index(d) for d in dims if d in f.dims] + [len(f.dims)]
+        shape = [t.shape[f.sample_dims.index(d)] if d in f.sample_dims else 1 for d in dims] + [t.shape[-1]]
+        perm = [f.sample_dims.index(d) for d in dims if d in f.sample_dims] + [len(f.sample_dims)]
         total = total + t.permute(perm).reshape(shape)
     return total
 
@@ -161,9 +161,9 @@ def test_tmc_gradients_equal_enumeration_of_all_combinations(f64, grad, coupling
     g_q, g_m = grads(pq), grads(pm)
 
     s = est.sample({"x": x}, seed=5, detach_proposal=grad != "reparam")
-    fs = est.factors(s)
+    fs = est.factor_graph(s).factors
     # value: the brute-force oracle, point by point
-    assert torch.allclose(o.value, tg.brute_force(fs, s.levels, keep="data"), atol=1e-10)
+    assert torch.allclose(o.value, tg.brute_force(tg.FactorGraph(fs, s.ordinals).with_keep("data")), atol=1e-10)
     logw = all_combinations(fs, ("z1", "z2")).reshape(K * K, -1)  # [K^2, B], includes -log K per latent
     assert torch.allclose(o.value, torch.logsumexp(logw, 0), atol=1e-10)
     t_m = torch.stack(torch.autograd.grad(torch.logsumexp(logw, 0).mean(), pm, retain_graph=True))
@@ -185,10 +185,10 @@ def test_tmc_dregs_surrogate_is_papers_eq22_with_brute_force_sums(f64):
     est = tg.TMC(m, q, K=2)
     o = objective(est, {"x": x}, "dregs", seed=9)
     s = est.sample({"x": x}, seed=9, detach_proposal=True)
-    fs = est.factors(s)
-    l1 = tg.brute_force(fs, s.levels, keep="data")
-    doubled = [tg.Factor(f.name, 2 * f.tensor, f.dims, f.plates) for f in fs]
-    l2 = tg.brute_force(doubled, s.levels, keep="data")
+    fs = est.factor_graph(s).factors
+    l1 = tg.brute_force(tg.FactorGraph(fs, s.ordinals).with_keep("data"))
+    doubled = [tg.Factor(f.name, 2 * f.tensor, f.sample_dims, f.plates) for f in fs]
+    l2 = tg.brute_force(tg.FactorGraph(doubled, s.ordinals).with_keep("data"))
     surrogate = -(0.5 * torch.exp(l2 - 2 * l1).detach() * l2).mean()
     assert float(o.proposal_loss.detach()) == pytest.approx(float(surrogate.detach()), abs=1e-10)
 
@@ -232,7 +232,7 @@ def test_tmc_bound_equals_oracle_per_data_point(f64):
     est = tg.TMC(m, q, K=3)
     b = bound(est, {"x": x}, seed=4)
     s = est.sample({"x": x}, seed=4)
-    assert torch.allclose(b, tg.brute_force(est.factors(s), s.levels, keep="data"), atol=1e-10)
+    assert torch.allclose(b, tg.brute_force(est.factor_graph(s).with_keep("data")), atol=1e-10)
 
 
 def test_bad_options_are_clear_errors():

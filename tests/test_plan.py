@@ -4,8 +4,8 @@ import torch
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.plan import _CACHE_SIZE, plan_cache_clear, plan_cache_info
-from tmcgraph.toys import gaussian_toy, gaussian_toy_data
+from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data
+from tmcgraph.ops.plan import CACHE_SIZE, plan_cache_clear, plan_cache_info
 
 
 def test_plan_is_printable_with_order_cost_and_largest_intermediate():
@@ -28,7 +28,7 @@ def test_second_call_does_no_path_search():
     info = plan_cache_info()
     assert info["searches"] == searches
     assert info["hits"] >= 5
-    assert info["maxsize"] == _CACHE_SIZE
+    assert info["maxsize"] == CACHE_SIZE
 
 
 def test_loopy_graph_plan_matches_brute_force(f64):
@@ -44,8 +44,8 @@ def test_loopy_graph_plan_matches_brute_force(f64):
         q.latent(n, lambda: Normal(0.0, 1.5), parents=[])
     for strategy in ("greedy", "optimal", "dp"):
         r = tg.TMC(m, q, K=4, strategy=strategy).run({"x": torch.tensor(0.7)}, seed=1)
-        assert float(r.log_evidence) == float(tg.brute_force(r.factors, r.samples.levels)) or abs(
-            float(r.log_evidence) - float(tg.brute_force(r.factors, r.samples.levels))) < 1e-10
+        assert float(r.log_evidence) == float(tg.brute_force(r.graph)) or abs(
+            float(r.log_evidence) - float(tg.brute_force(r.graph))) < 1e-10
 
 
 def test_device_and_dtype_options():

@@ -21,17 +21,10 @@ from scipy import stats
 from torch.distributions import Categorical, Independent, Normal
 
 import tmcgraph as tg
-from tmcgraph.factors import Factor
-from tmcgraph.oracle import enumerate_log_weights
-from tmcgraph.queries import (
-    DRAWS,
-    dim_marginals,
-    expectation,
-    posterior,
-    predictive_log_likelihood,
-    sample_indices,
-)
-from tmcgraph.toys import gaussian_toy
+from tmcgraph.infer.posterior import expectation, posterior, predictive_log_likelihood
+from tmcgraph.models.toys import gaussian_toy
+from tmcgraph.ops import DRAWS, Factor, dim_marginals, sample_indices
+from tmcgraph.ops.oracle import enumerate_log_weights
 
 # ----------------------------------------------------------------------------------------
 # Brute-force oracle over the same particles.
@@ -43,7 +36,7 @@ def enumerate_posterior(factors, levels):
     Returns ``(variables, combos, probs)``: ``variables`` is a list of (dim, element
     dict) index variables, ``combos`` a LongTensor [n, len(variables)], ``probs`` [n].
     """
-    f64 = [Factor(f.name, f.tensor.detach().to(torch.float64), f.dims, f.plates) for f in factors]
+    f64 = [Factor(f.name, f.tensor.detach().to(torch.float64), f.sample_dims, f.plates) for f in factors]
     variables, combos, logw = enumerate_log_weights(f64, levels)
     return variables, combos, torch.softmax(logw, 0)
 
@@ -53,7 +46,7 @@ def brute_marginals(factors, levels):
     variables, combos, probs = enumerate_posterior(factors, levels)
     sizes = {}
     for f in factors:
-        sizes.update(zip(tuple(f.dims) + tuple(f.plates), f.tensor.shape))
+        sizes.update(zip(tuple(f.sample_dims) + tuple(f.plates), f.tensor.shape))
     out = {}
     for col, (d, elem) in enumerate(variables):
         m = out.setdefault(d, torch.zeros([sizes[d]] + [sizes[p] for p in levels[d]], dtype=torch.float64))
@@ -143,7 +136,7 @@ TINY = {
 def test_marginals_equal_brute_force(f64, name):
     est, data = TINY[name]()
     post = posterior(est, data, seed=1)
-    truth = brute_marginals(post.factors, post.samples.levels)
+    truth = brute_marginals(post.graph.factors, post.samples.ordinals)
     assert set(truth) == set(post.dim_marginals)
     for d, m in truth.items():
         torch.testing.assert_close(post.dim_marginals[d], m, rtol=1e-9, atol=1e-12)
@@ -159,7 +152,7 @@ def test_moments_equal_brute_force(f64, name):
     est, data = TINY[name]()
     post = posterior(est, data, seed=2)
     s = post.samples
-    variables, combos, probs = enumerate_posterior(post.factors, s.levels)
+    variables, combos, probs = enumerate_posterior(post.graph.factors, s.ordinals)
     for lat, v in s.values.items():
         d = s.dims[lat]
         plates = s.plates[lat]
@@ -168,7 +161,7 @@ def test_moments_equal_brute_force(f64, name):
         second = torch.zeros_like(mean)
         for e in itertools.product(*[range(s.plate_sizes[p]) for p in plates]):
             elem = dict(zip(plates, e))
-            want = {p: elem[p] for p in s.levels[d]}
+            want = {p: elem[p] for p in s.ordinals[d]}
             col = next(i for i, (dd, ee) in enumerate(variables) if dd == d and ee == want)
             z = vals[(combos[:, col],) + tuple(e)]
             p = probs.reshape(-1, *([1] * (z.dim() - 1)))
@@ -210,13 +203,13 @@ def test_samples_match_brute_force_joint(f64, name):
     est, data = TINY[name]()
     post = posterior(est, data, seed=3)
     s = post.samples
-    variables, combos, probs = enumerate_posterior(post.factors, s.levels)
+    variables, combos, probs = enumerate_posterior(post.graph.factors, s.ordinals)
     S = 20000
     draws = post.sample(S, seed=0, batch_size=7000)
     # Encode each draw's indices as the row of `combos` it equals.
     cols = []
     for d, elem in variables:
-        cols.append(draws.indices[d][(slice(None),) + tuple(elem[p] for p in s.levels[d])])
+        cols.append(draws.indices[d][(slice(None),) + tuple(elem[p] for p in s.ordinals[d])])
     cols = torch.stack(cols, 1)
     radix = torch.tensor([s.sizes[d] for d, _ in variables])
     weights = torch.flip(torch.cumprod(torch.flip(torch.cat([radix[1:], torch.ones(1, dtype=torch.long)]), [0]),
@@ -234,7 +227,7 @@ def test_samples_match_brute_force_joint(f64, name):
         d = s.dims[lat]
         for e in itertools.product(*[range(s.plate_sizes[p]) for p in s.plates[lat]]):
             elem = dict(zip(s.plates[lat], e))
-            k = draws.indices[d][(slice(None),) + tuple(elem[p] for p in s.levels[d])]
+            k = draws.indices[d][(slice(None),) + tuple(elem[p] for p in s.ordinals[d])]
             torch.testing.assert_close(got[(slice(None),) + e], v[(k,) + e])
 
 
@@ -279,11 +272,11 @@ def test_marginals_random_factors(f64, which, K, P, spread, seed):
     for i, (dims, plates) in enumerate(spec):
         shape = [K] * len(dims) + [P] * len(plates)
         factors.append(tg.Factor(f"f{i}", spread * torch.randn(shape, generator=g), dims, plates))
-    log_z, marg = dim_marginals(factors, levels)
+    log_z, marg = dim_marginals(tg.FactorGraph(factors, levels))
     truth = brute_marginals(factors, levels)
     for d in truth:
         torch.testing.assert_close(marg[d], truth[d], rtol=1e-7, atol=1e-10)
-    torch.testing.assert_close(log_z, tg.brute_force(factors, levels))
+    torch.testing.assert_close(log_z, tg.brute_force(tg.FactorGraph(factors, levels)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -449,15 +442,15 @@ def test_predictive_equals_brute_force_ratio(f64):
     est, data = _toy(K=3, N=3)
     s = est.sample(data, seed=0)
     got = predictive_log_likelihood(est, data, {"x": torch.tensor([False, False, True])}, samples=s)
-    fs = est.factors(s)
-    rest = [tg.Factor(f.name, f.tensor.clone(), f.dims, f.plates) for f in fs]
+    fs = est.factor_graph(s).factors
+    rest = [tg.Factor(f.name, f.tensor.clone(), f.sample_dims, f.plates) for f in fs]
     for f in rest:
         if f.name == "x":
             f.tensor[..., 2] = 0.0
-    expect = tg.brute_force(fs, s.levels) - tg.brute_force(rest, s.levels)
+    expect = tg.brute_force(tg.FactorGraph(fs, s.ordinals)) - tg.brute_force(tg.FactorGraph(rest, s.ordinals))
     torch.testing.assert_close(got, expect)
     # Same thing as sum_k pi_rest(k) p(x_h | z^k) over the brute-force posterior given x_rest.
-    variables, combos, probs = enumerate_posterior(rest, s.levels)
+    variables, combos, probs = enumerate_posterior(rest, s.ordinals)
     col = next(i for i, (d, e) in enumerate(variables) if d == "z" and e == {"data": 2})
     lik = Normal(s.values["z"][combos[:, col], 2], 1.0).log_prob(data["x"][2]).exp()
     torch.testing.assert_close(got, torch.log((probs * lik).sum()))
@@ -505,15 +498,15 @@ def test_bad_input_errors(f64):
     with pytest.raises(tg.TMCGraphError, match="heldout mask for 'x'"):
         predictive_log_likelihood(est, data, {"x": torch.ones(5, dtype=torch.bool)}, seed=0)
     with pytest.raises(tg.TMCGraphError, match="unknown sample dim"):
-        dim_marginals(post.factors, post.samples.levels, dims=["nope"])
-    with pytest.raises(tg.TMCGraphError, match="levels has no entry"):
-        dim_marginals(post.factors, {})
+        dim_marginals(post.graph, dims=["nope"])
+    with pytest.raises(tg.TMCGraphError, match="no ordinal"):
+        dim_marginals(tg.FactorGraph(post.graph.factors, {}))
     bad = [tg.Factor("f", torch.zeros(2, 3), ("a",), (DRAWS,))]
     with pytest.raises(tg.TMCGraphError, match="reserved plate"):
-        sample_indices(bad, {"a": (DRAWS,)}, 2)
+        sample_indices(tg.FactorGraph(bad, {"a": (DRAWS,)}), 2)
     zero = [tg.Factor("f", torch.full((2,), -math.inf), ("a",), ())]
     with pytest.raises(tg.TMCGraphError, match="no particle combination carries weight"):
-        dim_marginals(zero, {"a": ()})
+        dim_marginals(tg.FactorGraph(zero, {"a": ()}))
 
 
 @pytest.mark.parametrize("which", range(len(STRUCTURES)))
@@ -525,7 +518,7 @@ def test_samples_random_factors_chi_square(f64, which):
                for i, (dims, plates) in enumerate(spec)]
     variables, combos, probs = enumerate_posterior(factors, levels)
     S = 20000
-    idx = sample_indices(factors, levels, S, seed=which)
+    idx = sample_indices(tg.FactorGraph(factors, levels), S, generator=torch.Generator().manual_seed(which))
     cols = torch.stack([idx[d][(slice(None),) + tuple(e[p] for p in levels[d])] for d, e in variables], 1)
     codes = (cols * (2 ** torch.arange(len(variables) - 1, -1, -1))).sum(1)
     pval, tv = _chi_square_and_tv(codes.numpy(), probs)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.distributions import Normal
 
 import tmcgraph as tg
-from tmcgraph.plan import STRATEGIES
+from tmcgraph.ops.plan import STRATEGIES
 
 MAX_COMBINATIONS = 3000
 
@@ -223,7 +223,7 @@ def test_tmc_equals_independent_brute_force(spec):
     truth = oracle(spec, r.samples, data)
     assert float(r.log_evidence) == pytest.approx(truth, rel=1e-6, abs=1e-8)
     # the library's factor-level oracle agrees too
-    bf = tg.brute_force(r.factors, r.samples.levels)
+    bf = tg.brute_force(r.graph)
     assert float(bf) == pytest.approx(truth, rel=1e-6, abs=1e-8)
 
 
@@ -238,7 +238,7 @@ def test_every_path_strategy_matches_oracle(spec, strategy):
     n_factors = len(tg.TMC(m, q, K=2).run(data, seed=spec["seed"]).factors)
     assume(n_factors <= EXHAUSTIVE_MAX.get(strategy, n_factors))
     r = tg.TMC(m, q, K=2, strategy=strategy).run(data, seed=spec["seed"])
-    bf = tg.brute_force(r.factors, r.samples.levels)
+    bf = tg.brute_force(r.graph)
     assert float(r.log_evidence) == pytest.approx(float(bf), rel=1e-6, abs=1e-8)
     assert r.plan.strategy == strategy
 
@@ -271,7 +271,7 @@ def test_elementwise_matches_oracle_per_element(spec):
     est = tg.TMC(m, q, K=2)
     r = est.run(data, seed=spec["seed"], elementwise=True)
     assert r.log_evidence.shape == (spec["P"],)
-    per = tg.brute_force(r.factors, r.samples.levels, keep="p")
+    per = tg.brute_force(r.graph.with_keep("p"))
     torch.testing.assert_close(r.log_evidence, per, rtol=1e-6, atol=1e-8)
     # the per-element values multiply to the total estimate on the same particles
     total = est.run(data, samples=r.samples).log_evidence

@@ -12,17 +12,18 @@ import pytest
 import torch
 
 import tmcgraph as tg
-from tmcgraph.runtime import allocator_settings, tune_allocator
+from tmcgraph.contrib.allocator import allocator_settings, tune_allocator
 
 CHILD = r"""
 import json, torch, tmcgraph as tg
-from tmcgraph.toys import gaussian_chain
+from tmcgraph.contrib import allocator
+from tmcgraph.models.toys import gaussian_chain
 m, q = gaussian_chain(6, "factorised")
 est = tg.TMC(m, q, K=200)
 before = float(est.log_evidence({"x": torch.tensor(0.5)}, seed=3))
-ok = tg.tune_allocator()
+ok = allocator.tune_allocator()
 after = float(est.log_evidence({"x": torch.tensor(0.5)}, seed=3))
-print(json.dumps({"ok": ok, "before": before, "after": after, "settings": tg.runtime.allocator_settings()}))
+print(json.dumps({"ok": ok, "before": before, "after": after, "settings": allocator.allocator_settings()}))
 """
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 import tmcgraph as tg
-from tmcgraph.rws import RWS, proposal_log_density
+from tmcgraph.infer.rws import RWS, proposal_log_density
 
 # ----------------------------------------------------------------------------------------
 # proposal_log_density re-evaluates the density each particle was drawn from.

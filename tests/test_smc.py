@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch.distributions import Bernoulli, Normal
 
 import tmcgraph as tg
-from tmcgraph.smc import SMC, effective_sample_size, resample_indices
-from tmcgraph.toys import (
+from tmcgraph.infer.smc import SMC, effective_sample_size, resample_indices
+from tmcgraph.models.toys import (
     gaussian_chain,
     gaussian_chain_log_evidence,
     gaussian_toy,

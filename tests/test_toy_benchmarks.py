@@ -30,7 +30,7 @@ def _run(script: str, out: pathlib.Path, *extra) -> dict:
 
 
 def _toy_data(N: int) -> np.ndarray:
-    from tmcgraph.toys import gaussian_toy_data
+    from tmcgraph.models.toys import gaussian_toy_data
 
     return gaussian_toy_data(N, seed=0).double().numpy()
 

@@ -1,11 +1,11 @@
-"""Log-factors with named sample and plate dims, one per model variable.
+"""The factor graph of a model at drawn particles: one log-factor per model variable.
 
 For a latent ``z_j`` (paper, appendix 7.1 and Eq. 3)::
 
     f_j[k_j, k_pa(j), plates] = log P(z_j^{k_j} | z_pa^{k_pa}) - log q_j(z_j^{k_j}) - log K_j
 
 where ``q_j`` is the density the particle was actually drawn from (see
-:mod:`tmcgraph.sampling`); for an observed ``x``::
+:mod:`tmcgraph.sampling.couplings`); for an observed ``x``::
 
     f_x[k_pa(x), plates] = log P(x | z_pa^{k_pa})
 
@@ -15,39 +15,16 @@ so that ``P_TMC = sum over every index of prod_j exp(f_j)`` with plates multipli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .errors import TMCGraphError
-from .graph import Model
-from .sampling import Samples, _inputs, check_batch_shape, place
+from ..errors import TMCGraphError
+from ..model import Model
+from ..ops.factor import Factor, FactorGraph
+from ..particles import Samples, check_batch_shape, parent_inputs, place
+from ..sampling.context import Context
 
-__all__ = ["Factor", "build_factors", "describe"]
-
-
-@dataclass(frozen=True)
-class Factor:
-    """A log-factor tensor and the names of its dims.
-
-    Attributes:
-        name: The variable the factor belongs to.
-        tensor: Log values, shape ``[*sizes of dims, *sizes of plates]``.
-        dims: Sample dim names, in tensor order.
-        plates: Plate names, in tensor order (after the sample dims).
-    """
-
-    name: str
-    tensor: torch.Tensor
-    dims: tuple
-    plates: tuple
-
-    def __post_init__(self):
-        if self.tensor.dim() != len(self.dims) + len(self.plates):
-            raise TMCGraphError(
-                f"factor {self.name!r}: tensor of shape {tuple(self.tensor.shape)} does not match "
-                f"dims {self.dims} + plates {self.plates}"
-            )
+__all__ = ["factor_graph"]
 
 
 def _log_prob(role: str, name: str, d, value, target: list, labels: list) -> torch.Tensor:
@@ -72,8 +49,14 @@ def _log_prob(role: str, name: str, d, value, target: list, labels: list) -> tor
     return lp.expand(target)
 
 
-def build_factors(model: Model, samples: Samples) -> list:
-    """One :class:`Factor` per model variable, in the model's topological order."""
+def factor_graph(model: Model, samples: Samples, ctx: Context = None) -> FactorGraph:
+    """The :class:`~tmcgraph.ops.factor.FactorGraph` of ``model`` at ``samples``.
+
+    One factor per model variable, in the model's topological order, plus a constant
+    ``-log K`` factor for a sample dim whose first owner does not live exactly at the
+    dim's ordinal (IWAE's joint dim). All tensors share one floating dtype.
+    """
+    ctx = ctx or Context()
     s = samples
     out = []
     # -log K_d once per sample dim d and per element of the plates it is local to:
@@ -81,10 +64,10 @@ def build_factors(model: Model, samples: Samples) -> list:
     owners = {}
     for name in s.order:
         owners.setdefault(s.dims[name], name)
-    folded = {d: n for d, n in owners.items() if s.plates[n] == s.levels[d]}
+    folded = {d: n for d, n in owners.items() if s.plates[n] == s.ordinals[d]}
     for d in owners:
         if d not in folded:
-            lvl = s.levels[d]
+            lvl = s.ordinals[d]
             ref = s.log_q[owners[d]]
             t = torch.full([s.plate_sizes[p] for p in lvl], -math.log(s.sizes[d]), dtype=ref.dtype, device=ref.device)
             out.append(Factor(f"_logK_{d}", t, (), lvl))
@@ -96,7 +79,7 @@ def build_factors(model: Model, samples: Samples) -> list:
         plates = v.plates
         target = [s.sizes[d] for d in dims] + [s.plate_sizes[p] for p in plates]
         labels = [f"K[{d}]" for d in dims] + list(plates)
-        d = v.dist(_inputs(v, s, dims, plates))
+        d = ctx.dist(v.dist(parent_inputs(v.parents, s, dims, plates)))
         value = place(s.value(name), own, plates, dims, plates)
         role = "model" if v.kind == "latent" else "likelihood"
         lp = _log_prob(role, name, d, value, target, labels)
@@ -110,15 +93,5 @@ def build_factors(model: Model, samples: Samples) -> list:
     dtype = out[0].tensor.dtype
     for f in out[1:]:
         dtype = torch.promote_types(dtype, f.tensor.dtype)
-    return [f if f.tensor.dtype == dtype else Factor(f.name, f.tensor.to(dtype), f.dims, f.plates) for f in out]
-
-
-def describe(factors: list) -> str:
-    """One line per factor: name, dims with sizes, plates with sizes."""
-    lines = []
-    for f in factors:
-        n = len(f.dims)
-        ds = ", ".join(f"{d}={k}" for d, k in zip(f.dims, f.tensor.shape[:n]))
-        ps = ", ".join(f"{p}={k}" for p, k in zip(f.plates, f.tensor.shape[n:]))
-        lines.append(f"{f.name}: dims [{ds}] plates [{ps}]")
-    return "\n".join(lines)
+    out = [f if f.tensor.dtype == dtype else f.with_tensor(f.tensor.to(dtype)) for f in out]
+    return FactorGraph(tuple(out), {d: tuple(s.ordinals[d]) for d in s.sizes})

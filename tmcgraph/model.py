@@ -16,7 +16,7 @@ Both are ``torch.nn.Module``: callables that are modules are registered, so
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import networkx as nx
@@ -25,10 +25,7 @@ from torch import nn
 
 from .errors import TMCGraphError
 
-__all__ = ["Plate", "Variable", "Model", "Proposal", "COUPLINGS", "check_inference_inputs"]
-
-#: Ways of drawing K samples of a latent whose proposal has latent parents.
-COUPLINGS = ("paired", "mixture")
+__all__ = ["Plate", "Variable", "Model", "Proposal", "check_inference_inputs"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,9 @@ class Variable:
         plates: Plate names, in the model's plate order.
         kind: ``"latent"`` or ``"observed"`` (model), ``"proposal"`` (proposal).
         by_keyword: Whether ``fn`` is called with keyword arguments.
-        coupling: Proposal only: ``"paired"`` or ``"mixture"``.
+        coupling: Proposal only: how its K particles are drawn given its latent parents'
+            particles: a coupling name (``"mixture"``, ``"permutation"``, ``"paired"``), a
+            coupling object (:mod:`tmcgraph.sampling.couplings`), or ``None`` for the default.
         K: Proposal only: particles for this latent (``None``: the estimator's K).
         enumerate: Proposal only: take the support as particles (exact marginalisation).
         prior: Proposal only: the proposal is the model's prior for this latent.
@@ -67,11 +66,10 @@ class Variable:
     plates: tuple
     kind: str
     by_keyword: bool = True
-    coupling: str = "mixture"
+    coupling: object = None
     K: Optional[int] = None
     enumerate: bool = False
     prior: bool = False
-    extra: dict = field(default_factory=dict)
 
     def dist(self, values: dict) -> torch.distributions.Distribution:
         """Call ``fn`` with the parent values taken from ``values``."""
@@ -313,6 +311,16 @@ class Proposal(_Declared):
         return fn()
 
     @staticmethod
+    def _check_coupling(name, coupling):
+        ok = coupling is None or isinstance(coupling, str) or all(
+            callable(getattr(coupling, a, None)) for a in ("sample", "log_density"))
+        if not ok:
+            raise TMCGraphError(
+                f"proposal for {name!r}: coupling must be a name or a coupling object "
+                f"(tmcgraph.sampling.couplings), got {coupling!r}"
+            )
+
+    @staticmethod
     def _check_K(name, K):
         if K is not None and (int(K) != K or K < 1):
             raise TMCGraphError(f"proposal for {name!r}: K must be a positive integer, got {K!r}")
@@ -323,7 +331,7 @@ class Proposal(_Declared):
         fn: Callable,
         plate=None,
         parents: Optional[Sequence[str]] = None,
-        coupling: str = "mixture",
+        coupling=None,
         K: Optional[int] = None,
     ) -> None:
         """Declare Q for latent ``name``.
@@ -334,23 +342,25 @@ class Proposal(_Declared):
                 (sampled before this one) or observed variables.
             plate: Optional, must match the model's plates for ``name``.
             parents: Explicit parent names; default: ``fn``'s parameter names.
-            coupling: How K samples are drawn when Q has latent parents.
-                ``"mixture"`` (default): each sample picks a parent sample uniformly at
-                random; its density is (1/K) sum_j Q(z^k | z_pa^j), so every
-                combination of particles carries weight. ``"paired"``: sample k uses
-                parent sample k (needs equal K); its density is Q(z^k | z_pa^k); cheaper,
-                but in TMC only consistent index paths carry weight, so tightly coupled
-                chains lose most of the K^n combinations.
+            coupling: How K particles are drawn when Q has latent parents: a name or a
+                coupling object from :mod:`tmcgraph.sampling.couplings` (``None``: the
+                default, :data:`tmcgraph.sampling.couplings.DEFAULT`). ``"mixture"``: each
+                particle picks a parent particle uniformly at random; ``"permutation"``:
+                each parent particle is used once (a random permutation); both have the
+                mixture density (1/K) sum_j Q(z^k | z_pa^j), so every combination of
+                particles carries weight. ``"paired"``: particle k uses parent particle k
+                (needs equal K); its density is Q(z^k | z_pa^k); cheaper, but in TMC only
+                consistent index paths carry weight, so tightly coupled chains lose most
+                of the K^n combinations. Names are checked when an estimator is built.
             K: Particles for this latent (default: the estimator's K).
         """
         plates = self._check_name(name, plate)
-        if coupling not in COUPLINGS:
-            raise TMCGraphError(f"proposal for {name!r}: coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self._check_coupling(name, coupling)
         self._check_K(name, K)
         ps, kw = _parents_of(name, fn, parents)
         self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K))
 
-    def prior(self, name: str, coupling: str = "mixture", K: Optional[int] = None) -> None:
+    def prior(self, name: str, coupling=None, K: Optional[int] = None) -> None:
         """Sample latent ``name`` from its prior P(z | parents) with the given coupling.
 
         The prior is a proposal like any other: its density (for the coupling used)
@@ -358,8 +368,7 @@ class Proposal(_Declared):
         """
         v = self.model[name] if name in self.model else None
         self._check_name(name, None)
-        if coupling not in COUPLINGS:
-            raise TMCGraphError(f"proposal for {name!r}: coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self._check_coupling(name, coupling)
         self._check_K(name, K)
         self._register(
             Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, coupling, K, prior=True)
@@ -374,7 +383,7 @@ class Proposal(_Declared):
         v = self.model[name] if name in self.model else None
         self._check_name(name, None)
         self._register(
-            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, "paired", None, enumerate=True)
+            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, None, None, enumerate=True)
         )
 
     @property

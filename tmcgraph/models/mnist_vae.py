@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli, Distribution, Independent, constraints
 
-from .errors import TMCGraphError
-from .graph import Model, Proposal
+from ..errors import TMCGraphError
+from ..model import Model, Proposal
+from ..sampling.samplers import register_sampler
 
 __all__ = [
     "LATENT_SIZES",
@@ -165,6 +166,13 @@ class DiagNormal(Distribution):
             + (m * m * a).sum(-1)
         )
         return -0.5 * quad.to(loc.dtype) - const
+
+
+@register_sampler(DiagNormal)
+def _sample_diag_normal(d: DiagNormal, sample_shape, generator) -> torch.Tensor:
+    """Reparameterised draw from a private generator (as :meth:`DiagNormal.rsample`)."""
+    eps = torch.randn(d._extended_shape(sample_shape), dtype=d.loc.dtype, device=d.loc.device, generator=generator)
+    return d.loc + eps * d.scale
 
 
 def _normal(mean: torch.Tensor, pre_std: torch.Tensor):

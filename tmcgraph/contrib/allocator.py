@@ -20,8 +20,8 @@ The cost is memory: the process keeps its peak heap instead of shrinking after i
 (``python benchmarks/perf_allocator.py``).
 
 Example:
-    >>> import tmcgraph as tg
-    >>> tg.runtime.allocator_settings()["tuned_by_tmcgraph"] in (True, False)
+    >>> from tmcgraph.contrib.allocator import allocator_settings
+    >>> allocator_settings()["tuned_by_tmcgraph"] in (True, False)
     True
 """
 
@@ -32,7 +32,7 @@ import ctypes.util
 import os
 import platform
 
-from .errors import TMCGraphError
+from ..errors import TMCGraphError
 
 __all__ = ["tune_allocator", "allocator_settings"]
 

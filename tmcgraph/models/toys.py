@@ -13,7 +13,7 @@ import math
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from .graph import Model, Proposal
+from ..model import Model, Proposal
 
 __all__ = [
     "gaussian_toy",

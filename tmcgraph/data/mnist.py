@@ -38,7 +38,7 @@ from urllib.request import urlopen
 import numpy as np
 import torch
 
-from .errors import TMCGraphError
+from ..errors import TMCGraphError
 
 __all__ = [
     "MNIST",

@@ -5,10 +5,10 @@ ordinary (sum-product) einsum of ``exp(A)``, ``exp(B)``:
 
     log sum_j exp(A_ij + B_jk)
 
-This module is an opt_einsum backend: pass ``backend="tmcgraph.backends.log"`` to an
+This module is an opt_einsum backend: pass ``backend="tmcgraph.ops.backends.log"`` to an
 ``opt_einsum.contract_expression`` and each pairwise step lands here.
 :func:`compile_pair` turns one pairwise contraction into a reusable callable with all
-index bookkeeping done once (used by :mod:`tmcgraph.contract`).
+index bookkeeping done once (used by :mod:`tmcgraph.ops.contract`).
 
 Every pairwise contraction ``C[b, i, k] = log sum_j exp(A[b, i, j] + B[b, j, k])`` (``b``
 batch, ``i`` left, ``j`` contracted, ``k`` right indices) takes one of three routes:

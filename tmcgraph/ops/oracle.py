@@ -20,35 +20,37 @@ __all__ = ["brute_force", "enumerate_log_weights", "MAX_COMBINATIONS"]
 MAX_COMBINATIONS = 2_000_000
 
 
-def brute_force(factors, levels: dict, keep=None) -> torch.Tensor:
-    """Log of the plated sum-product of ``factors`` by full enumeration.
+def brute_force(graph) -> torch.Tensor:
+    """Log of the plated sum-product of a :class:`~tmcgraph.ops.factor.FactorGraph` by full enumeration.
 
     Args:
-        factors: Objects with ``tensor`` (log values), ``dims`` and ``plates``.
-        levels: Sample dim -> plates it is local to.
-        keep: Optional plate to keep: returns a vector of per-element values.
+        graph: The factor graph (its ``keep`` plate, if any, gives per-element values).
 
     Returns:
         A scalar (or a vector over ``keep``), differentiable w.r.t. the factor tensors.
     """
+    return _brute_force(graph.factors, graph.ordinals, graph.keep)
+
+
+def _brute_force(factors, ordinals: dict, keep=None) -> torch.Tensor:
     if keep is not None:
         n = _sizes(factors)[keep]
         outs = []
         for i in range(n):
             sliced = [_Slice(f, keep, i) for f in factors]
-            lv = {d: tuple(p for p in lvl if p != keep) for d, lvl in levels.items()}
-            outs.append(brute_force(sliced, lv))
+            lv = {d: tuple(p for p in lv0 if p != keep) for d, lv0 in ordinals.items()}
+            outs.append(_brute_force(sliced, lv))
         return torch.stack(outs)
-    _, _, logw = enumerate_log_weights(factors, levels)
+    _, _, logw = enumerate_log_weights(factors, ordinals)
     return torch.logsumexp(logw, 0) if torch.isfinite(logw).any() else logw.max()
 
 
-def enumerate_log_weights(factors, levels: dict):
+def enumerate_log_weights(factors, ordinals: dict):
     """Every index combination (plates unrolled) and its summed log-weight.
 
     Args:
-        factors: Objects with ``tensor`` (log values), ``dims`` and ``plates``.
-        levels: Sample dim -> plates it is local to.
+        factors: Objects with ``tensor`` (log values), ``sample_dims`` and ``plates``.
+        ordinals: Sample dim -> plates it is local to.
 
     Returns:
         ``(variables, combos, logw)``: ``variables`` lists the index variables as
@@ -60,9 +62,9 @@ def enumerate_log_weights(factors, levels: dict):
     sizes = _sizes(factors)
     # One index variable per (dim, element of the plates the dim is local to).
     variables = []
-    for d in dict.fromkeys(d for f in factors for d in f.dims):
-        for e in itertools.product(*[range(sizes[p]) for p in levels[d]]):
-            variables.append((d, dict(zip(levels[d], e))))
+    for d in dict.fromkeys(d for f in factors for d in f.sample_dims):
+        for e in itertools.product(*[range(sizes[p]) for p in ordinals[d]]):
+            variables.append((d, dict(zip(ordinals[d], e))))
     total = math.prod(sizes[d] for d, _ in variables)
     if total > MAX_COMBINATIONS:
         raise ValueError(f"brute force would enumerate {total} combinations (> {MAX_COMBINATIONS})")
@@ -76,8 +78,8 @@ def enumerate_log_weights(factors, levels: dict):
         for e in itertools.product(*[range(sizes[p]) for p in f.plates]):
             elem = dict(zip(f.plates, e))
             idx = []
-            for d in f.dims:
-                want = {p: elem[p] for p in levels[d]}
+            for d in f.sample_dims:
+                want = {p: elem[p] for p in ordinals[d]}
                 col = next(i for i, (dd, ee) in enumerate(variables) if dd == d and ee == want)
                 idx.append(grids[:, col])
             logw = logw + f.tensor[tuple(idx) + tuple(e)]
@@ -87,7 +89,7 @@ def enumerate_log_weights(factors, levels: dict):
 def _sizes(factors) -> dict:
     sizes = {}
     for f in factors:
-        for name, n in zip(tuple(f.dims) + tuple(f.plates), f.tensor.shape):
+        for name, n in zip(tuple(f.sample_dims) + tuple(f.plates), f.tensor.shape):
             sizes[name] = n
     return sizes
 
@@ -96,6 +98,6 @@ class _Slice:
     """A factor restricted to element ``i`` of plate ``keep``."""
 
     def __init__(self, f, keep, i):
-        self.dims = f.dims
+        self.sample_dims = f.sample_dims
         self.plates = tuple(p for p in f.plates if p != keep)
-        self.tensor = f.tensor.select(len(f.dims) + f.plates.index(keep), i) if keep in f.plates else f.tensor
+        self.tensor = f.tensor.select(len(f.sample_dims) + f.plates.index(keep), i) if keep in f.plates else f.tensor

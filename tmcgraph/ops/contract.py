@@ -1,6 +1,6 @@
-"""Executing a :class:`~tmcgraph.plan.Plan` on log-factor tensors in log space.
+"""Executing a :class:`~tmcgraph.ops.plan.Plan` on log-factor tensors in log space.
 
-Each step runs its compiled pairwise program (see :func:`tmcgraph.backends.log.compile_pair`)
+Each step runs its compiled pairwise program (see :func:`tmcgraph.ops.backends.log.compile_pair`)
 on the step's inputs; a sliced step (memory limit) runs once per value of its sliced
 indices on views of the inputs and sums the results in log space, checkpointing each
 slice under autograd so that saved activations stay within the limit too.
@@ -17,10 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .backends.log import compile_pair, logsumexp
 from .plan import Plan
 
-__all__ = ["contract", "BACKEND"]
-
-#: The opt_einsum backend module implementing the log-space sum-product semiring.
-BACKEND = "tmcgraph.backends.log"
+__all__ = ["contract", "run_step"]
 
 
 class _Reduce:
@@ -75,15 +72,18 @@ def _run_sliced(step, args):
     return acc
 
 
-def contract(plan: Plan, tensors, backend: str = BACKEND) -> torch.Tensor:
-    """Run ``plan`` on factor tensors (in the order the plan was made for).
+def run_step(step, args) -> torch.Tensor:
+    """One plan step on its input tensors: its contraction (sliced if planned so), then its plate products."""
+    r = _run_sliced(step, args) if step.sliced else _run(step.program, args)
+    return r.sum(dim=step.reduce_axes) if step.reduce_axes else r
+
+
+def contract(plan: Plan, tensors) -> torch.Tensor:
+    """Run ``plan`` on log-factor tensors (in the order of the factor graph it was made for).
 
     Args:
-        plan: A compiled plan.
+        plan: A plan (:func:`tmcgraph.ops.plan.plan_for`).
         tensors: Log-factor tensors, one per factor.
-        backend: opt_einsum backend module name (a semiring). The default runs the
-            plan's compiled log-space program; any other runs each step's opt_einsum
-            expression with that backend (unsliced).
 
     Returns:
         The log of the plated sum-product: a scalar, or a vector over the plan's
@@ -93,14 +93,5 @@ def contract(plan: Plan, tensors, backend: str = BACKEND) -> torch.Tensor:
     if len(slots) != plan.n_inputs:
         raise ValueError(f"plan expects {plan.n_inputs} tensors, got {len(slots)}")
     for step in plan.steps:
-        args = [slots[i] for i in step.inputs]
-        if backend != BACKEND:
-            r = step.expression(*args, backend=backend)
-        elif step.sliced:
-            r = _run_sliced(step, args)
-        else:
-            r = _run(step.program, args)
-        if step.reduce_axes:
-            r = r.sum(dim=step.reduce_axes)
-        slots.append(r)
+        slots.append(run_step(step, [slots[i] for i in step.inputs]))
     return slots[-1]

@@ -39,16 +39,17 @@ carries no gradient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .errors import TMCGraphError
-from .graph import Model, Proposal, check_inference_inputs
-from .sampling import bind_data, check_batch_shape, execution_context, place
+from ..errors import TMCGraphError
+from ..model import Model, Proposal, check_inference_inputs
+from ..particles import check_batch_shape, place
+from ..sampling.context import Context
+from ..sampling.data import bind_data
 
 __all__ = ["SMC", "SMCResult", "RESAMPLING", "resample_indices", "effective_sample_size"]
 
@@ -63,7 +64,8 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
 
 
-def resample_indices(log_weights: torch.Tensor, n: int, scheme: str = "systematic") -> torch.Tensor:
+def resample_indices(log_weights: torch.Tensor, n: int, scheme: str = "systematic",
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Ancestor indices ``a_1..a_n`` drawn in proportion to ``exp(log_weights)`` (a vector).
 
     ``multinomial``: n independent draws (inverse CDF of sorted-free uniforms).
@@ -75,6 +77,7 @@ def resample_indices(log_weights: torch.Tensor, n: int, scheme: str = "systemati
         log_weights: ``[K]`` log-weights, at least one finite.
         n: Number of indices to draw.
         scheme: ``"systematic"`` or ``"multinomial"``.
+        generator: Generator for the uniforms (``None``: torch's global one).
 
     Returns:
         ``[n]`` long tensor of indices into ``log_weights``.
@@ -87,9 +90,10 @@ def resample_indices(log_weights: torch.Tensor, n: int, scheme: str = "systemati
     c = torch.cumsum(w, 0)
     c = c / c[-1]
     if scheme == "systematic":
-        u = (torch.rand((), dtype=torch.float64, device=c.device) + torch.arange(n, device=c.device)) / n
+        u = (torch.rand((), dtype=torch.float64, device=c.device, generator=generator)
+             + torch.arange(n, device=c.device)) / n
     else:
-        u = torch.rand(n, dtype=torch.float64, device=c.device)
+        u = torch.rand(n, dtype=torch.float64, device=c.device, generator=generator)
     return torch.searchsorted(c, u, right=True).clamp_(max=log_weights.shape[0] - 1)
 
 
@@ -150,7 +154,7 @@ class SMC:
     Example:
         >>> import torch; from torch.distributions import Normal
         >>> import tmcgraph as tg
-        >>> from tmcgraph.smc import SMC
+        >>> from tmcgraph.infer.smc import SMC
         >>> m = tg.Model(); _ = m.plate("data", size=4)
         >>> m.latent("theta", lambda: Normal(0., 1.))
         >>> m.latent("z", lambda theta: Normal(theta, 1.), plate="data")
@@ -239,11 +243,40 @@ class SMC:
         )
         return _Schedule(steps, inner, tuple(inner_factors), tuple(constant))
 
-    # ------------------------------------------------------------------ helpers
-    @contextlib.contextmanager
-    def _context(self, seed=None):
-        with torch.no_grad(), execution_context(self.device, self.dtype, seed):
-            yield
+    # ------------------------------------------------------------------ public
+    def run(self, data: dict, seed: Optional[int] = None) -> SMCResult:
+        """Run the particle filter on ``data``; see :class:`SMCResult`.
+
+        Args:
+            data: Observed name -> tensor ``[*plate sizes, *event]``.
+            seed: An int or a ``torch.Generator`` for reproducible sampling and resampling
+                (private to the call: torch's global RNG is neither used nor changed).
+        """
+        return _Run(self, Context(self.device, self.dtype, seed), data).filter()
+
+    def log_evidence(self, data: dict, seed: Optional[int] = None) -> torch.Tensor:
+        """The SMC estimate ``log Z_SMC`` of log p(x) (no gradient). See :meth:`run`."""
+        return self.run(data, seed).log_evidence
+
+    __call__ = log_evidence
+
+    def __repr__(self):
+        return (
+            f"SMC(K={self.K}, seq_plate={self.seq_plate!r}, resampling={self.resampling!r}, "
+            f"ess_threshold={self.ess_threshold})"
+        )
+
+
+class _Run:
+    """One SMC run: the estimator's settings plus the call's context and bound data."""
+
+    def __init__(self, smc: SMC, ctx: Context, data: dict):
+        self.model, self.proposal, self.K = smc.model, smc.proposal, smc.K
+        self.seq_plate, self.resampling, self.ess_threshold = smc.seq_plate, smc.resampling, smc.ess_threshold
+        self._schedule = smc._schedule
+        self._ctx = ctx
+        self._bound, self._sizes = bind_data(self.model, data, ctx)
+        self._checked = set()
 
     def _layout(self, n: str, element) -> tuple:
         """Plates of ``n`` and their sizes at this step (the unrolled plate has size 1)."""
@@ -281,10 +314,10 @@ class SMC:
         qv = self.proposal[n]
         plates, sizes = self._layout(n, element)
         target = torch.Size([self.K] + sizes)
-        d = qv.dist(self._inputs(qv, values, element))
+        d = self._ctx.dist(qv.dist(self._inputs(qv, values, element)))
         self._check(n, "proposal", d, list(target), plates)
         d = d.expand(target)
-        z = d.sample()
+        z = self._ctx.sample(d, ())
         values[n] = z
         lq = d.log_prob(z)
         return lq.reshape(self.K, -1).sum(-1)
@@ -294,7 +327,7 @@ class SMC:
         v = self.model[n]
         plates, sizes = self._layout(n, element)
         target = [self.K] + sizes
-        d = v.dist(self._inputs(v, values, element))
+        d = self._ctx.dist(v.dist(self._inputs(v, values, element)))
         role = "model" if v.kind == "latent" else "likelihood"
         self._check(n, role, d, target, plates)
         x = values[n] if n in values else place(self._data(n, element), (), plates, (_K,), plates)
@@ -315,25 +348,9 @@ class SMC:
             )
         return lp.reshape(lp.shape[0], -1).sum(-1)
 
-    # ------------------------------------------------------------------ public
-    def run(self, data: dict, seed: Optional[int] = None) -> SMCResult:
-        """Run the particle filter on ``data``; see :class:`SMCResult`.
-
-        Args:
-            data: Observed name -> tensor ``[*plate sizes, *event]``.
-            seed: An int or a ``torch.Generator`` for reproducible sampling and resampling
-                (the global RNG state is restored afterwards).
-        """
-        with self._context(seed):
-            self._bound, self._sizes = bind_data(self.model, data, self.device, self.dtype)
-            self._checked = set()
-            try:
-                return self._filter()
-            finally:
-                self._bound = self._sizes = self._checked = None
-
-    def _filter(self) -> SMCResult:
-        """The particle filter proper (inside :meth:`run`'s context, data bound)."""
+    @torch.no_grad()
+    def filter(self) -> SMCResult:
+        """The particle filter proper."""
         sch = self._schedule
         K = self.K
         values: dict = {}
@@ -345,7 +362,7 @@ class SMC:
             inner = [(sch.inner_latents, i, sch.inner_factors, sch.inner_latents) for i in
                      range(self._sizes[self.seq_plate])]
             steps = steps + inner
-        dtype = torch.get_default_dtype()
+        dtype = self._ctx.dtype or torch.get_default_dtype()
         log_w = torch.full((K,), -math.log(K), dtype=dtype)
         ess, resampled = [], []
         for t, (latents, element, factors, drop) in enumerate(steps):
@@ -370,7 +387,7 @@ class SMC:
             do = t < len(steps) - 1 and (self.ess_threshold >= 1.0 or e < self.ess_threshold * K)
             resampled.append(do)
             if do:
-                idx = resample_indices(log_w, K, self.resampling)
+                idx = resample_indices(log_w, K, self.resampling, self._ctx.generator(log_w.device))
                 for n in values:
                     values[n] = values[n].index_select(0, idx)
                 log_w = torch.full((K,), -math.log(K), dtype=dtype)
@@ -382,14 +399,3 @@ class SMC:
             desc,
         )
 
-    def log_evidence(self, data: dict, seed: Optional[int] = None) -> torch.Tensor:
-        """The SMC estimate ``log Z_SMC`` of log p(x) (no gradient). See :meth:`run`."""
-        return self.run(data, seed).log_evidence
-
-    __call__ = log_evidence
-
-    def __repr__(self):
-        return (
-            f"SMC(K={self.K}, seq_plate={self.seq_plate!r}, resampling={self.resampling!r}, "
-            f"ess_threshold={self.ess_threshold})"
-        )

@@ -1,6 +1,6 @@
 """Contraction backends: modules with ``einsum``, ``tensordot`` and ``transpose``.
 
-``tmcgraph.backends.log`` is the log-space sum-product semiring used for every TMC
+``tmcgraph.ops.backends.log`` is the log-space sum-product semiring used for every TMC
 contraction.
 """
 

@@ -6,7 +6,7 @@ reparameterisation and discrete latents can be *sampled* rather than enumerated.
 
 With particles ``z`` drawn from Q and treated as constants, and the TMC-reweighted
 posterior ``pi(k) ∝ prod_f exp(f[k])`` over index combinations (see
-:mod:`tmcgraph.queries`):
+:mod:`tmcgraph.infer.posterior`):
 
 * **Model (wake-theta)**: ascend ``log P_TMC(x; theta)``; its gradient is
   ``sum_k pi(k) grad_theta log P(x, z^k; theta)``.
@@ -16,7 +16,7 @@ posterior ``pi(k) ∝ prod_f exp(f[k])`` over index combinations (see
 
       L_phi = sum_j sum_{k, e} pi(k_{j,e} = k) log q_j(z_{j,e}^k; phi)
 
-  with the single-dim marginals of :func:`tmcgraph.queries.dim_marginals`. Its
+  with the single-dim marginals of :func:`tmcgraph.ops.dim_marginals`. Its
   gradient is a self-normalised estimate of ``-grad_phi KL(p(z|x) || q(z))``
   (up to the O(1/K) bias of self-normalisation). ``log q_j`` is the density the
   particle was drawn from: for the ``mixture`` coupling the mixture
@@ -29,19 +29,16 @@ is not included.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .contract import contract
-from .errors import TMCGraphError
+from ..errors import TMCGraphError
+from ..particles import Samples
+from ..sampling.draw import proposal_log_q
 from .estimators import TMC
-from .factors import Factor
-from .plan import plan_for
-from .queries import latent_marginal
-from .sampling import Samples, proposal_log_q
+from .posterior import latent_marginal
 
 __all__ = ["RWS", "RWSResult", "proposal_log_density"]
 
@@ -49,12 +46,12 @@ __all__ = ["RWS", "RWSResult", "proposal_log_density"]
 def proposal_log_density(estimator: TMC, samples: Samples, latents=None) -> dict:
     """``log q_j(z_j^k)`` re-evaluated at the (detached) particles, differentiable in Q's parameters.
 
-    The density :func:`tmcgraph.sampling.draw` records in ``samples.log_q``
-    (:func:`tmcgraph.sampling.proposal_log_q`):
+    The density :func:`tmcgraph.sampling.draw` records in ``samples.log_q``, by the
+    coupling each latent was drawn with (:func:`tmcgraph.sampling.proposal_log_q`):
     ``Q(z^k | z_pa^k)`` for paired coupling (and for proposals without latent parents),
     and ``log (1/prod K_pa) sum_l Q(z^k | z_pa^l)`` over every parent particle for the
-    mixture coupling. Gradients reach the proposal's parameters only, never the
-    particles.
+    mixture and permutation couplings. Gradients reach the proposal's parameters only,
+    never the particles.
 
     Args:
         estimator: The estimator that drew ``samples``.
@@ -68,9 +65,9 @@ def proposal_log_density(estimator: TMC, samples: Samples, latents=None) -> dict
     q = estimator.proposal
     if latents is None:
         latents = [n for n in samples.order if not (q[n].enumerate or q[n].prior)]
-    s = dataclasses.replace(samples, values={n: v.detach() for n, v in samples.values.items()})
-    with estimator._context():
-        return {name: proposal_log_q(q, s, name, estimator.shared) for name in latents}
+    s = samples.detached()
+    ctx = estimator.context()
+    return {name: proposal_log_q(q, s, name, ctx=ctx) for name in latents}
 
 
 @dataclass
@@ -106,7 +103,7 @@ class RWS:
     Example:
         >>> import torch, tmcgraph as tg
         >>> from torch.distributions import Normal
-        >>> from tmcgraph.rws import RWS
+        >>> from tmcgraph.infer.rws import RWS
         >>> m = tg.Model(); loc = torch.nn.Parameter(torch.zeros(()))
         >>> m.latent("z", lambda: Normal(loc, 1.)); m.observed("x", lambda z: Normal(z, 1.))
         >>> q = tg.Proposal(m); q.latent("z", lambda: Normal(0., 2.))
@@ -136,32 +133,11 @@ class RWS:
         if samples is None:
             with torch.no_grad():
                 samples = est.sample(data, seed)
-        fixed = dataclasses.replace(
-            samples,
-            values={n: v.detach() for n, v in samples.values.items()},
-            log_q={n: v.detach() for n, v in samples.log_q.items()},
-        )
-        fs = est.factors(fixed)
-        dims = list(dict.fromkeys(d for f in fs for d in f.dims))
-        sizes = {}
-        for f in fs:
-            sizes.update(zip(tuple(f.dims) + tuple(f.plates), f.tensor.shape))
-        ref = fs[0].tensor
-        weights = {
-            d: torch.zeros([sizes[d]] + [sizes[p] for p in fixed.levels[d]], dtype=ref.dtype, device=ref.device,
-                           requires_grad=True)
-            for d in dims
-        }
-        wf = fs + [Factor(f"_marginal_{d}", weights[d], (d,), tuple(fixed.levels[d])) for d in dims]
-        plan = plan_for(wf, fixed.levels, None, est.strategy, est.memory_limit)
-        log_p = contract(plan, [f.tensor for f in wf])
-        if not bool(torch.isfinite(log_p.detach())):
-            raise TMCGraphError(
-                f"log P_TMC is {float(log_p.detach())}: no particle combination carries weight, "
-                "so RWS weights are undefined"
-            )
-        grads = torch.autograd.grad(log_p, [weights[d] for d in dims], retain_graph=True) if dims else []
-        marg = {d: g.detach().clamp_min(0.0) for d, g in zip(dims, grads)}
+        try:
+            ev = est.run(samples=samples, fixed=True, marginals=True)
+        except TMCGraphError as e:
+            raise TMCGraphError(f"RWS weights are undefined: {e}") from e
+        log_p, marg, fixed = ev.log_evidence, ev.marginals, ev.samples
         log_q = proposal_log_density(est, fixed)
         proposal_loss = log_p.new_zeros(())
         for name, lq in log_q.items():

@@ -1,0 +1,3 @@
+"""Dataset loaders (MNIST). Not imported by ``import tmcgraph``."""
+
+__all__ = ["mnist"]

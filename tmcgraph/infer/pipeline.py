@@ -1,0 +1,137 @@
+"""The one pipeline every consumer runs: sample -> factor graph -> plan -> contract.
+
+Estimators, objectives (reparameterised, STL, DReGs), posterior marginals and samples,
+predictive log-likelihoods and reweighted wake-sleep all call :func:`evaluate`, which
+
+1. draws particles (or reuses given ones) with the estimator's couplings and context,
+2. builds the :class:`~tmcgraph.ops.factor.FactorGraph` (one log-factor per variable),
+3. fixes the kept plate (per-element results) and finds the cached plan,
+4. contracts it, or, with ``marginals=True``, runs the adjoint pass that gives every
+   index marginal along with the value,
+
+and returns an :class:`Evaluation` that can contract the same plan again on transformed
+tensors (``2 f`` for DReGs' ``sum w^2``, masked likelihoods for predictive estimates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import TMCGraphError
+from ..ops.adjoint import dim_marginals
+from ..ops.contract import contract
+from ..ops.factor import FactorGraph
+from ..ops.plan import Plan, plan_for
+from ..particles import Samples
+from .factors import factor_graph
+
+__all__ = ["Evaluation", "evaluate", "resolve_keep", "PER_BATCH"]
+
+
+class _PerBatch:
+    """Sentinel: keep the outermost plate when every factor and sample dim lies in it."""
+
+    def __repr__(self):
+        return "PER_BATCH"
+
+
+#: ``elementwise=PER_BATCH``: per-element values over the outermost plate when every
+#: factor and sample dim lies in it (independent data points), else the scalar.
+PER_BATCH = _PerBatch()
+
+
+@dataclass
+class Evaluation:
+    """Everything one pass of the pipeline produced.
+
+    Attributes:
+        log_evidence: The log of the contraction: the estimate (scalar, or a vector over
+            the kept plate).
+        samples: The particles and their densities.
+        graph: The factor graph (with its kept plate).
+        plan: The contraction plan of ``graph``.
+        marginals: Sample dim -> posterior marginal ``[K, *sizes of its ordinal]``
+            (detached), when asked for.
+    """
+
+    log_evidence: torch.Tensor
+    samples: Samples
+    graph: FactorGraph
+    plan: Plan
+    marginals: Optional[dict] = None
+
+    @property
+    def factors(self) -> tuple:
+        """The log-factors of :attr:`graph`."""
+        return self.graph.factors
+
+    def contract(self, tensors) -> torch.Tensor:
+        """The same plan on other tensors of the graph's layouts (e.g. ``2 f`` or masked factors)."""
+        return contract(self.plan, list(tensors))
+
+
+def resolve_keep(model, graph: FactorGraph, elementwise) -> Optional[str]:
+    """The plate to keep per element for a user's ``elementwise=`` option.
+
+    ``False``/``None``: none (the scalar); ``True``: the model's outermost plate; a plate
+    name: that plate; :data:`PER_BATCH`: the outermost plate if the graph allows it.
+    """
+    if elementwise is False or elementwise is None:
+        return None
+    plates = list(model.plates)
+    if elementwise is PER_BATCH:
+        return plates[0] if plates and graph.why_not_keep(plates[0]) is None else None
+    if elementwise is True:
+        if not plates:
+            raise TMCGraphError("elementwise=True needs a plate; the model declares none")
+        return plates[0]
+    if elementwise not in model.plates:
+        raise TMCGraphError(f"elementwise: unknown plate {elementwise!r}; plates are {plates}")
+    return elementwise
+
+
+def evaluate(
+    estimator,
+    data: Optional[dict] = None,
+    seed=None,
+    elementwise=False,
+    samples: Optional[Samples] = None,
+    detach_proposal: bool = False,
+    fixed: bool = False,
+    marginals: bool = False,
+) -> Evaluation:
+    """Run the pipeline of ``estimator`` (a :class:`~tmcgraph.infer.estimators.TMC` or subclass).
+
+    Args:
+        estimator: Supplies the model, proposal, K, couplings, planner options and context.
+        data: Observed name -> tensor (unused when ``samples`` are given).
+        seed: An int or a ``torch.Generator`` for the particles.
+        elementwise: Kept plate, see :func:`resolve_keep`.
+        samples: Reuse these particles instead of drawing.
+        detach_proposal: Draw with the proposal's parameters detached in ``log_q`` (STL).
+        fixed: Treat particles and their densities as constants (score-function
+            objectives such as RWS): they are detached before the factors are built.
+        marginals: Also compute every index marginal (one adjoint pass); the value then
+            stays differentiable w.r.t. whatever the factors depend on.
+
+    Returns:
+        The :class:`Evaluation`.
+    """
+    if samples is None:
+        if data is None:
+            raise TMCGraphError("evaluate needs data or samples")
+        samples = estimator.sample(data, seed=seed, detach_proposal=detach_proposal)
+    if fixed:
+        samples = samples.detached()
+    graph = factor_graph(estimator.model, samples, estimator.context())
+    graph = graph.with_keep(resolve_keep(estimator.model, graph, elementwise))
+    plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
+    if not marginals:
+        return Evaluation(contract(plan, graph.tensors), samples, graph, plan)
+    differentiable = torch.is_grad_enabled()
+    log_z, marg = dim_marginals(graph, strategy=estimator.strategy, memory_limit=estimator.memory_limit,
+                                differentiable=differentiable)
+    return Evaluation(log_z, samples, graph, plan, marg)

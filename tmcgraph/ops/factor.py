@@ -1,0 +1,153 @@
+"""Log-factors and factor graphs: the values the contraction engine works on.
+
+A :class:`Factor` is a tensor of log values with named dims: sample dims first, then
+plates. A :class:`FactorGraph` is the whole plated sum-product to contract: its
+factors, the *ordinal* of every sample dim (the plates it is local to: one independent
+index per element of them) and the plate kept per element in the result (``keep``), or
+``None`` for the scalar. Its value is
+
+    log sum over every index (one per sample dim and element of its ordinal) of
+        prod over factors and their plate elements of exp(f[...])
+
+(:func:`tmcgraph.ops.oracle.brute_force` computes exactly this by enumeration). Nothing
+here knows about models or proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import TMCGraphError
+
+__all__ = ["Factor", "FactorGraph"]
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A log-factor tensor and the names of its dims.
+
+    Attributes:
+        name: What the factor belongs to (a variable, a constant, a marginal weight).
+        tensor: Log values, shape ``[*sizes of sample_dims, *sizes of plates]``.
+        sample_dims: Sample dim names, in tensor order.
+        plates: Plate names, in tensor order (after the sample dims).
+    """
+
+    name: str
+    tensor: torch.Tensor
+    sample_dims: tuple
+    plates: tuple
+
+    def __post_init__(self):
+        if self.tensor.dim() != len(self.sample_dims) + len(self.plates):
+            raise TMCGraphError(
+                f"factor {self.name!r}: tensor of shape {tuple(self.tensor.shape)} does not match "
+                f"sample dims {self.sample_dims} + plates {self.plates}"
+            )
+
+    def with_tensor(self, tensor: torch.Tensor) -> "Factor":
+        """The same factor with another tensor of the same layout."""
+        return Factor(self.name, tensor, self.sample_dims, self.plates)
+
+
+@dataclass(frozen=True)
+class FactorGraph:
+    """A plated sum-product: factors, the ordinal of each sample dim, the kept plate.
+
+    Attributes:
+        factors: The :class:`Factor` tuple.
+        ordinals: Sample dim -> plates it is local to (every dim a factor uses must appear).
+        keep: A plate left un-multiplied (per-element results), or ``None``.
+    """
+
+    factors: tuple
+    ordinals: dict = field(default_factory=dict)
+    keep: Optional[str] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "factors", tuple(self.factors))
+        if not self.factors:
+            raise TMCGraphError("a factor graph needs at least one factor")
+        missing = [d for d in self.sample_dims if d not in self.ordinals]
+        if missing:
+            raise TMCGraphError(f"no ordinal (plates it is local to) for sample dim(s) {missing}")
+        self.sizes  # noqa: B018 - checks sizes agree
+
+    @property
+    def tensors(self) -> list:
+        """The factor tensors, in factor order."""
+        return [f.tensor for f in self.factors]
+
+    @property
+    def sample_dims(self) -> list:
+        """Every sample dim a factor uses, in order of first use."""
+        return list(dict.fromkeys(d for f in self.factors for d in f.sample_dims))
+
+    @property
+    def plates(self) -> list:
+        """Every plate a factor lies in, in order of first use."""
+        return list(dict.fromkeys(p for f in self.factors for p in f.plates))
+
+    @property
+    def sizes(self) -> dict:
+        """Size of every sample dim and plate (raises if two factors disagree)."""
+        sizes = {}
+        for f in self.factors:
+            for name, n in zip(tuple(f.sample_dims) + tuple(f.plates), f.tensor.shape):
+                if sizes.setdefault(name, int(n)) != int(n):
+                    raise TMCGraphError(
+                        f"dim or plate {name!r} has inconsistent sizes {sizes[name]} and {int(n)} "
+                        f"(factor {f.name!r})"
+                    )
+        return sizes
+
+    def structure(self) -> tuple:
+        """A hashable key of everything planning depends on (layouts, shapes, ordinals, keep)."""
+        fs = tuple((f.sample_dims, f.plates, tuple(f.tensor.shape)) for f in self.factors)
+        ords = tuple(sorted((d, tuple(self.ordinals[d])) for d in self.sample_dims))
+        return fs, ords, self.keep
+
+    def why_not_keep(self, plate: str) -> Optional[str]:
+        """Why ``plate`` cannot be kept per element, or ``None`` when it can."""
+        outside = [f.name for f in self.factors if plate not in f.plates]
+        if outside:
+            return f"factor(s) {outside} lie outside it"
+        shared = [d for d in self.sample_dims if plate not in self.ordinals[d]]
+        if shared:
+            return f"sample dim(s) {shared} are shared across its elements"
+        return None
+
+    def with_keep(self, keep: Optional[str]) -> "FactorGraph":
+        """The same graph with another kept plate (checked)."""
+        if keep is not None:
+            why = self.why_not_keep(keep)
+            if why:
+                raise TMCGraphError(f"cannot keep plate {keep!r} per element: {why}")
+        return FactorGraph(self.factors, self.ordinals, keep)
+
+    def with_tensors(self, tensors) -> "FactorGraph":
+        """The same graph on other tensors of the same layouts (e.g. scaled, masked)."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.factors):
+            raise TMCGraphError(f"factor graph has {len(self.factors)} factors, got {len(tensors)} tensors")
+        return FactorGraph(tuple(f.with_tensor(t) for f, t in zip(self.factors, tensors)), self.ordinals, self.keep)
+
+    def detach(self) -> "FactorGraph":
+        """The same graph with detached tensors."""
+        return self.with_tensors(t.detach() for t in self.tensors)
+
+    def extend(self, factors, ordinals: Optional[dict] = None) -> "FactorGraph":
+        """The graph with more factors (and ordinals for new sample dims)."""
+        return FactorGraph(self.factors + tuple(factors), {**self.ordinals, **(ordinals or {})}, self.keep)
+
+    def __str__(self) -> str:
+        lines = [f"FactorGraph: {len(self.factors)} factor(s), keep={self.keep!r}"]
+        for f in self.factors:
+            n = len(f.sample_dims)
+            ds = ", ".join(f"{d}={k}" for d, k in zip(f.sample_dims, f.tensor.shape[:n]))
+            ps = ", ".join(f"{p}={k}" for p, k in zip(f.plates, f.tensor.shape[n:]))
+            lines.append(f"  {f.name}: sample dims [{ds}] plates [{ps}]")
+        return "\n".join(lines)

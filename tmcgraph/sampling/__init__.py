@@ -1,0 +1,28 @@
+"""Sampling: binding data and drawing K particles per latent with a coupling.
+
+Stage two of the pipeline (model -> sampling -> ops -> infer): it reads the declared
+:class:`~tmcgraph.model.Model` and :class:`~tmcgraph.model.Proposal` and produces
+:class:`~tmcgraph.particles.Samples`.
+"""
+
+from .context import Context
+from .couplings import COUPLINGS, DEFAULT, Coupling, Enumerated, Joint, Mixture, Paired, Permutation, Site
+from .data import bind_data
+from .draw import couplings_of, draw, proposal_log_q
+
+__all__ = [
+    "Context",
+    "Coupling",
+    "Paired",
+    "Mixture",
+    "Permutation",
+    "Enumerated",
+    "Joint",
+    "Site",
+    "COUPLINGS",
+    "DEFAULT",
+    "bind_data",
+    "draw",
+    "proposal_log_q",
+    "couplings_of",
+]

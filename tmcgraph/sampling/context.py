@@ -1,0 +1,132 @@
+"""The execution context of one call: device, dtype and a private random generator.
+
+Nothing here touches process-global state. A seed becomes a private
+``torch.Generator`` that every random draw of the call uses (particles through
+:func:`tmcgraph.sampling.samplers.draw_sample`, parent indices, permutations,
+resampling), so two threads sharing an estimator, or two estimators of different
+dtypes, get the results they would get one after another. ``dtype`` and ``device`` are
+applied explicitly: data is converted when bound, and a distribution returned by a
+user callable whose parameters are in another floating dtype or on another device
+(``Normal(0., 1.)`` builds float32 CPU tensors) is rebuilt with converted parameters;
+torch's default dtype and device are never changed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import TMCGraphError
+from .reflect import cast_dist
+from .samplers import draw_sample
+
+__all__ = ["Context"]
+
+
+class Context:
+    """Device, dtype and random generator of one call.
+
+    Args:
+        device: A ``torch.device`` for data and distribution parameters, or ``None``
+            (leave tensors where they are).
+        dtype: A floating dtype for data and distribution parameters, or ``None``.
+        seed: An int (a private generator seeded with it, one per device used), a
+            ``torch.Generator`` (used as it is, and advanced), or ``None`` (torch's
+            global generator, as plain torch code would use).
+
+    Example:
+        >>> import torch
+        >>> from torch.distributions import Normal
+        >>> a = Context(dtype=torch.float64, seed=0).sample(Normal(0., 1.), (3,))
+        >>> b = Context(dtype=torch.float64, seed=0).sample(Normal(0., 1.), (3,))
+        >>> a.dtype, bool((a == b).all()), torch.get_default_dtype()
+        (torch.float64, True, torch.float32)
+    """
+
+    def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TMCGraphError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+        self._generator = None
+        self._seed = None
+        if isinstance(seed, torch.Generator):
+            self._generator = seed
+        elif seed is not None:
+            try:
+                ok = not isinstance(seed, bool) and int(seed) == seed
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise TMCGraphError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
+            self._seed = int(seed)
+        self._generators = {}
+
+    def generator(self, device) -> Optional[torch.Generator]:
+        """The generator for draws on ``device`` (``None``: torch's global generator)."""
+        if self._generator is not None or self._seed is None:
+            return self._generator
+        device = torch.device(device)
+        key = (device.type, device.index)
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self._seed)
+            self._generators[key] = g
+        return g
+
+    def dist(self, d):
+        """Distribution ``d`` with its parameters in this context's dtype and on its device."""
+        return cast_dist(d, self.dtype, self.device)
+
+    def sample(self, d, sample_shape) -> torch.Tensor:
+        """A (reparameterised where possible) draw from ``d`` with this context's generator."""
+        d = self.dist(d)
+        return self.to(draw_sample(d, torch.Size(sample_shape), self.generator(_device_of(d))))
+
+    def randint(self, high: int, shape, device) -> torch.Tensor:
+        """Uniform integers in ``[0, high)``."""
+        return torch.randint(high, tuple(shape), device=device, generator=self.generator(device))
+
+    def permutations(self, n: int, count: int, shape, device) -> torch.Tensor:
+        """``[count, *shape]`` indices below ``n``: random permutations of ``range(n)``, concatenated.
+
+        Along the first axis, each block of ``n`` consecutive entries is an independent
+        uniformly random permutation (independently per position of ``shape``); the
+        result is the first ``count`` entries, so every entry is marginally uniform.
+        """
+        blocks = max(1, math.ceil(count / n))
+        u = torch.rand((blocks, n, *shape), device=device, dtype=torch.float64, generator=self.generator(device))
+        return u.argsort(dim=1).reshape(blocks * n, *shape)[:count]
+
+    def rand(self, shape, device, dtype=torch.float64) -> torch.Tensor:
+        """Uniforms in ``[0, 1)``."""
+        return torch.rand(tuple(shape), device=device, dtype=dtype, generator=self.generator(device))
+
+    def to(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on this context's device, floating tensors in its dtype."""
+        if self.device is not None and t.device != self.device:
+            t = t.to(self.device)
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t
+
+    def __repr__(self):
+        seed = self._seed if self._generator is None else self._generator
+        return f"Context(device={self.device}, dtype={self.dtype}, seed={seed!r})"
+
+
+def _device_of(d) -> torch.device:
+    """Device of a distribution's tensors (its mean's when it has no parameter attributes)."""
+    for v in vars(d).values():
+        if torch.is_tensor(v):
+            return v.device
+        base = getattr(v, "__dict__", None)
+        if isinstance(v, torch.distributions.Distribution) and base:
+            return _device_of(v)
+    try:
+        return d.mean.device
+    except (NotImplementedError, AttributeError):
+        return torch.device("cpu")
