@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal, norm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 
