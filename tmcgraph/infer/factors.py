@@ -60,17 +60,18 @@ def factor_graph(model: Model, samples: Samples, ctx: Context = None) -> FactorG
     s = samples
     out = []
     # -log K_d once per sample dim d and per element of the plates it is local to:
-    # folded into its first owner's factor when that owner lives exactly at that level.
+    # folded into its first owner's factor when that owner lives exactly at that ordinal.
     owners = {}
     for name in s.order:
         owners.setdefault(s.dims[name], name)
     folded = {d: n for d, n in owners.items() if s.plates[n] == s.ordinals[d]}
     for d in owners:
         if d not in folded:
-            lvl = s.ordinals[d]
+            ordinal = s.ordinals[d]
             ref = s.log_q[owners[d]]
-            t = torch.full([s.plate_sizes[p] for p in lvl], -math.log(s.sizes[d]), dtype=ref.dtype, device=ref.device)
-            out.append(Factor(f"_logK_{d}", t, (), lvl))
+            t = torch.full([s.plate_sizes[p] for p in ordinal], -math.log(s.sizes[d]), dtype=ref.dtype,
+                           device=ref.device)
+            out.append(Factor(f"_logK_{d}", t, (), ordinal))
     for name in model.validate():
         v = model[name]
         own = s.dims_of(name)
