@@ -84,7 +84,9 @@ class Context:
     def sample(self, d, sample_shape) -> torch.Tensor:
         """A (reparameterised where possible) draw from ``d`` with this context's generator."""
         d = self.dist(d)
-        return self.to(draw_sample(d, torch.Size(sample_shape), self.generator(_device_of(d))))
+        seeded = self._generator is not None or self._seed is not None
+        g = self.generator(_device_of(d)) if seeded else None
+        return self.to(draw_sample(d, torch.Size(sample_shape), g))
 
     def randint(self, high: int, shape, device) -> torch.Tensor:
         """Uniform integers in ``[0, high)``."""
@@ -107,6 +109,8 @@ class Context:
 
     def to(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on this context's device, floating tensors in its dtype."""
+        if self.device is None and self.dtype is None:
+            return t
         if self.device is not None and t.device != self.device:
             t = t.to(self.device)
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:

@@ -27,7 +27,14 @@ _ENUMERATED = Enumerated()
 
 
 def couplings_of(proposal: Proposal, override: Optional[Coupling] = None) -> dict:
-    """Latent -> coupling object of every declaration (resolving names; raises on unknown ones)."""
+    """Latent -> coupling object of every declaration (resolving names; raises on unknown ones).
+
+    Cached on the proposal until its next declaration.
+    """
+    key = (proposal._version, override)
+    cached = getattr(proposal, "_couplings", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     out = {}
     for name, v in proposal.variables.items():
         if v.enumerate:
@@ -36,6 +43,7 @@ def couplings_of(proposal: Proposal, override: Optional[Coupling] = None) -> dic
             out[name] = override
         else:
             out[name] = get_coupling(v.coupling, name)
+    object.__setattr__(proposal, "_couplings", (key, out))
     return out
 
 
