@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import TMCGraphError
+from .ordinals import why_not_keep
 
 __all__ = ["Factor", "FactorGraph"]
 
@@ -75,6 +76,10 @@ class FactorGraph:
         if missing:
             raise TMCGraphError(f"no ordinal (plates it is local to) for sample dim(s) {missing}")
         self.sizes  # noqa: B018 - checks sizes agree
+        if self.keep is not None:
+            why = self.why_not_keep(self.keep)
+            if why:
+                raise TMCGraphError(f"cannot keep plate {self.keep!r} per element: {why}")
 
     @property
     def tensors(self) -> list:
@@ -112,20 +117,11 @@ class FactorGraph:
 
     def why_not_keep(self, plate: str) -> Optional[str]:
         """Why ``plate`` cannot be kept per element, or ``None`` when it can."""
-        outside = [f.name for f in self.factors if plate not in f.plates]
-        if outside:
-            return f"factor(s) {outside} lie outside it"
-        shared = [d for d in self.sample_dims if plate not in self.ordinals[d]]
-        if shared:
-            return f"sample dim(s) {shared} are shared across its elements"
-        return None
+        return why_not_keep([(f.name, f.plates) for f in self.factors],
+                            {d: self.ordinals[d] for d in self.sample_dims}, plate)
 
     def with_keep(self, keep: Optional[str]) -> "FactorGraph":
         """The same graph with another kept plate (checked)."""
-        if keep is not None:
-            why = self.why_not_keep(keep)
-            if why:
-                raise TMCGraphError(f"cannot keep plate {keep!r} per element: {why}")
         return FactorGraph(self.factors, self.ordinals, keep)
 
     def with_tensors(self, tensors) -> "FactorGraph":

@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..errors import TMCGraphError
 
-__all__ = ["ordinal_tree"]
+__all__ = ["ordinal_tree", "why_not_keep"]
 
 
 def ordinal_tree(factor_plates, dim_ordinals: dict, keep: Optional[str] = None) -> tuple:
@@ -52,3 +52,23 @@ def ordinal_tree(factor_plates, dim_ordinals: dict, keep: Optional[str] = None) 
         if ordinal(lv) not in ordinals:
             raise TMCGraphError(f"sample dim {d!r} is local to plates {tuple(lv)} where no factor lives")
     return ordinals, parent
+
+
+def why_not_keep(factors, dim_ordinals: dict, plate: str) -> Optional[str]:
+    """Why ``plate`` cannot be kept per element, or ``None`` when it can.
+
+    A plate can be kept (a batch of independent sums, one per element) when every factor
+    lies in it and every sample dim is local to it.
+
+    Args:
+        factors: ``(name, plates)`` of each factor.
+        dim_ordinals: Sample dim -> plates it is local to (dims the factors use).
+        plate: The plate to keep.
+    """
+    outside = [name for name, plates in factors if plate not in plates]
+    if outside:
+        return f"factor(s) {outside} lie outside it"
+    shared = [d for d, lv in dim_ordinals.items() if plate not in lv]
+    if shared:
+        return f"sample dim(s) {shared} are shared across its elements"
+    return None

@@ -30,7 +30,7 @@ from opt_einsum.paths import ssa_to_linear
 
 from ..errors import TMCGraphError
 from .factor import FactorGraph
-from .ordinals import ordinal_tree
+from .ordinals import ordinal_tree, why_not_keep
 from .paths import STRATEGIES, get_optimizer, simulate
 from .slicing import slice_to_fit
 
@@ -214,17 +214,6 @@ def _sizes(structure) -> tuple:
     return sizes, plate_order
 
 
-def _check_keep(structure, ordinals: dict, keep) -> None:
-    if keep is None:
-        return
-    outside = [i for i, (_, plates, _) in enumerate(structure) if keep not in plates]
-    if outside:
-        raise TMCGraphError(f"cannot keep plate {keep!r} per element: {len(outside)} factor(s) lie outside it")
-    bad = [d for d, lv in ordinals.items() if keep not in lv]
-    if bad:
-        raise TMCGraphError(f"cannot keep plate {keep!r} per element: sample dim(s) {bad} are shared across it")
-
-
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
     """Make the plan of one structure (see :func:`make_plan`); memoised, bounded.
@@ -237,7 +226,10 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
     ordinals = dict(ordinals)
     optimizer = get_optimizer(strategy)
     sizes, plate_order = _sizes(structure)
-    _check_keep(structure, ordinals, keep)
+    if keep is not None:
+        why = why_not_keep([(i, pl) for i, (_, pl, _) in enumerate(structure)], ordinals, keep)
+        if why:
+            raise TMCGraphError(f"cannot keep plate {keep!r} per element: {why}")
     tree, parent = ordinal_tree([pl for _, pl, _ in structure], ordinals, keep)
 
     def ordinal(plates):
