@@ -9,6 +9,13 @@ applied explicitly: data is converted when bound, and a distribution returned by
 user callable whose parameters are in another floating dtype or on another device
 (``Normal(0., 1.)`` builds float32 CPU tensors) is rebuilt with converted parameters;
 torch's default dtype and device are never changed.
+
+One consequence: a distribution built only from Python numbers is created by torch in
+the process's default dtype (float32 unless you changed it) before it is converted, so
+with ``dtype=torch.float64`` a constant such as ``Normal(0.2, 1.1)`` carries float32
+rounding (about 1e-8 relative). Every density uses the same rounded values, so
+estimates stay unbiased for the model as evaluated; for float64-exact constants use
+float64 tensors in the callable, or set the process default dtype yourself.
 """
 
 from __future__ import annotations
