@@ -2,7 +2,7 @@
 
 Random linear-Gaussian DAGs with 1 to 6 latents, random edges (loopy ones included),
 K from 1 to 4, with and without a plate, factorised / amortised / non-factorised
-(paired and mixture) / prior proposals. The independent oracle here recomputes every
+(paired, mixture and permutation couplings) / prior proposals. The independent oracle here recomputes every
 density from the random specification with numpy (not from the library's factors) and
 enumerates all index combinations of the *same* particles, plates unrolled.
 """
@@ -51,7 +51,7 @@ def dag_specs(draw):
         K = draw(st.integers(1, 4))
         qkind = draw(st.sampled_from(["factorised", "amortised", "nonfact", "prior"]))
         qparents = draw(st.lists(st.sampled_from(cands), unique=True, min_size=1, max_size=2)) if cands else []
-        coupling = draw(st.sampled_from(["paired", "mixture"]))
+        coupling = draw(st.sampled_from(["paired", "mixture", "permutation"]))
         lat.append(dict(
             plated=plated, parents=parents, w=[draw(coef) for _ in parents], b=draw(coef), sd=draw(sd), K=K,
             qkind=qkind, qparents=qparents, qw=[draw(coef) for _ in qparents], qb=draw(coef), qsd=draw(sd),

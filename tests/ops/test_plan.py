@@ -24,11 +24,13 @@ def test_second_call_does_no_path_search():
     est.log_evidence(x, seed=0)
     searches = plan_cache_info()["searches"]
     for s in range(5):
-        est.log_evidence(x, seed=s)
+        est.log_evidence(x, seed=s)  # the estimator's program holds the plan
+        tg.TMC(m, q, K=8).log_evidence(x, seed=s)  # a new estimator finds it in the plan cache
     info = plan_cache_info()
     assert info["searches"] == searches
     assert info["hits"] >= 5
     assert info["maxsize"] == CACHE_SIZE
+    assert est.programs.info()["programs"] == 1
 
 
 def test_loopy_graph_plan_matches_brute_force(f64):

@@ -33,6 +33,7 @@ from ..sampling.couplings import Coupling, Joint
 from ..sampling.draw import couplings_of, draw
 from .factors import factor_graph
 from .pipeline import Evaluation, evaluate
+from .program import COMPILE_MODES, ProgramCache
 
 __all__ = ["TMC", "IWAE", "VAE", "log_evidence"]
 
@@ -49,6 +50,12 @@ class TMC:
         memory_limit: Largest tensor (elements) the contraction may allocate or read.
         device: Device for data and distribution parameters.
         dtype: Floating dtype for data and distribution parameters.
+        compile: Run factor construction and contraction as ``torch.compile`` d programs,
+            one per structure: ``"auto"`` (default: programs whose plan costs at least
+            :data:`tmcgraph.infer.program.AUTO_MIN_FLOPS`, from their second call),
+            ``True`` (every program from its second call) or ``False`` (always eager).
+            Falls back to eager execution, with one warning, where compilation fails.
+            See :mod:`tmcgraph.infer.program`.
 
     Example:
         >>> import torch; from torch.distributions import Normal
@@ -76,8 +83,11 @@ class TMC:
         memory_limit: Optional[int] = None,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        compile="auto",
     ):
         check_inference_inputs(model, proposal, K)
+        if not any(compile is m for m in COMPILE_MODES):
+            raise TMCGraphError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         get_optimizer(strategy)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TMCGraphError(f"dtype must be a floating dtype, got {dtype}")
@@ -88,6 +98,9 @@ class TMC:
         self.memory_limit = memory_limit
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
+        self.compile = compile
+        #: The estimator's programs (:class:`tmcgraph.infer.program.ProgramCache`).
+        self.programs = ProgramCache()
         proposal.validate()
         couplings_of(proposal, self.coupling)  # unknown coupling names fail here
 
@@ -133,7 +146,7 @@ class TMC:
     __call__ = log_evidence
 
     def __repr__(self):
-        return f"{type(self).__name__}(K={self.K}, strategy={self.strategy!r})"
+        return f"{type(self).__name__}(K={self.K}, strategy={self.strategy!r}, compile={self.compile!r})"
 
 
 class IWAE(TMC):

@@ -15,8 +15,8 @@ tensors (``2 f`` for DReGs' ``sum w^2``, masked likelihoods for predictive estim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ from ..ops.factor import FactorGraph
 from ..ops.plan import Plan, plan_for
 from ..particles import Samples
 from .factors import factor_graph
+from .program import Program, structure_key
 
 __all__ = ["Evaluation", "evaluate", "resolve_keep", "PER_BATCH"]
 
@@ -51,17 +52,24 @@ class Evaluation:
         log_evidence: The log of the contraction: the estimate (scalar, or a vector over
             the kept plate).
         samples: The particles and their densities.
-        graph: The factor graph (with its kept plate).
-        plan: The contraction plan of ``graph``.
+        plan: The contraction plan of :attr:`graph`.
         marginals: Sample dim -> posterior marginal ``[K, *sizes of its ordinal]``
             (detached), when asked for.
     """
 
     log_evidence: torch.Tensor
     samples: Samples
-    graph: FactorGraph
     plan: Plan
     marginals: Optional[dict] = None
+    _graph: Optional[FactorGraph] = field(default=None, repr=False)
+    _build: Optional[Callable] = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> FactorGraph:
+        """The factor graph (with its kept plate); built on first access when a program computed the value."""
+        if self._graph is None:
+            self._graph = self._build()
+        return self._graph
 
     @property
     def factors(self) -> tuple:
@@ -126,12 +134,25 @@ def evaluate(
         samples = estimator.sample(data, seed=seed, detach_proposal=detach_proposal)
     if fixed:
         samples = samples.detached()
-    graph = factor_graph(estimator.model, samples, estimator.context())
-    graph = graph.with_keep(resolve_keep(estimator.model, graph, elementwise))
+    model, ctx = estimator.model, estimator.context()
+    programs = getattr(estimator, "programs", None)
+    key = None
+    if programs is not None and not marginals:
+        key = (model._version, elementwise, structure_key(samples))
+        prog = programs.get(key)
+        if prog is not None:
+            def build(s=samples, keep=prog.plan.keep):
+                return factor_graph(model, s, ctx).with_keep(keep)
+
+            return Evaluation(prog(samples), samples, prog.plan, _build=build)
+    graph = factor_graph(model, samples, ctx)
+    graph = graph.with_keep(resolve_keep(model, graph, elementwise))
     plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
     if not marginals:
-        return Evaluation(contract(plan, graph.tensors), samples, graph, plan)
+        if key is not None:
+            programs.put(key, Program(model, samples, plan, ctx, estimator.compile)).calls += 1
+        return Evaluation(contract(plan, graph.tensors), samples, plan, _graph=graph)
     differentiable = torch.is_grad_enabled()
     log_z, marg = dim_marginals(graph, strategy=estimator.strategy, memory_limit=estimator.memory_limit,
                                 differentiable=differentiable)
-    return Evaluation(log_z, samples, graph, plan, marg)
+    return Evaluation(log_z, samples, plan, marg, _graph=graph)

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .backends.log import compile_pair, logsumexp
 from .plan import Plan
 
-__all__ = ["contract", "run_step"]
+__all__ = ["contract", "run_step", "prepare", "Prepared"]
 
 
 class _Reduce:
@@ -35,16 +35,42 @@ class _Reduce:
 
 
 @functools.lru_cache(maxsize=1024)
-def _compiled(program):
+def _ops(program):
     """``(a, b, op, free)`` per operation of a plan step's program (ops compiled once)."""
     return tuple((a, b, _Reduce(ta, to) if b is None else compile_pair(ta, tb, to), free)
                  for a, b, ta, tb, to, free in program)
 
 
-def _run(program, args):
+class Prepared:
+    """A plan with every step's pairwise operations compiled: what execution needs, nothing to look up.
+
+    Running a ``Prepared`` does no cache lookups, so it can be traced as a whole (e.g. by
+    ``torch.compile``).
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.steps = tuple((step, _ops(step.program)) for step in plan.steps)
+
+    def __call__(self, tensors) -> torch.Tensor:
+        slots = list(tensors)
+        if len(slots) != self.plan.n_inputs:
+            raise ValueError(f"plan expects {self.plan.n_inputs} tensors, got {len(slots)}")
+        for step, ops in self.steps:
+            slots.append(_step(step, ops, [slots[i] for i in step.inputs]))
+        return slots[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def prepare(plan: Plan) -> Prepared:
+    """The (cached) :class:`Prepared` form of ``plan``."""
+    return Prepared(plan)
+
+
+def _run(ops, args):
     slots = list(args)
     del args
-    for a, b, op, free in _compiled(program):
+    for a, b, op, free in ops:
         r = op(slots[a]) if b is None else op(slots[a], slots[b])
         for i in free:
             slots[i] = None
@@ -52,8 +78,7 @@ def _run(program, args):
     return slots[-1]
 
 
-def _run_sliced(step, args):
-    names = [n for n, _, _ in step.sliced]
+def _run_sliced(step, ops, args):
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     acc = None
     for values in itertools.product(*(range(n) for _, n, _ in step.sliced)):
@@ -63,19 +88,22 @@ def _run_sliced(step, args):
                 if ax is not None:
                     part[i] = part[i].narrow(ax, v, 1)
         if grad:
-            r = checkpoint(_run, step.program, part, use_reentrant=False)
+            r = checkpoint(_run, ops, part, use_reentrant=False)
         else:
-            r = _run(step.program, part)
+            r = _run(ops, part)
         del part
         acc = r if acc is None else logsumexp(torch.stack([acc, r]), 0)
-    assert names  # noqa: S101 - only called for sliced steps
     return acc
+
+
+def _step(step, ops, args) -> torch.Tensor:
+    r = _run_sliced(step, ops, args) if step.sliced else _run(ops, args)
+    return r.sum(dim=step.reduce_axes) if step.reduce_axes else r
 
 
 def run_step(step, args) -> torch.Tensor:
     """One plan step on its input tensors: its contraction (sliced if planned so), then its plate products."""
-    r = _run_sliced(step, args) if step.sliced else _run(step.program, args)
-    return r.sum(dim=step.reduce_axes) if step.reduce_axes else r
+    return _step(step, _ops(step.program), args)
 
 
 def contract(plan: Plan, tensors) -> torch.Tensor:
@@ -89,9 +117,4 @@ def contract(plan: Plan, tensors) -> torch.Tensor:
         The log of the plated sum-product: a scalar, or a vector over the plan's
         ``keep`` plate.
     """
-    slots = list(tensors)
-    if len(slots) != plan.n_inputs:
-        raise ValueError(f"plan expects {plan.n_inputs} tensors, got {len(slots)}")
-    for step in plan.steps:
-        slots.append(run_step(step, [slots[i] for i in step.inputs]))
-    return slots[-1]
+    return prepare(plan)(tensors)
