@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     B = args.batch or (8 if args.quick else 128)
     reps = args.seeds or (3 if args.quick else args.default_seeds)
     torch.manual_seed(0)
-    model, proposal = mnist_vae.build("small")
+    model, proposal = mnist_vae.build("small", "mixture")  # the hand-written contender draws mixture indices
     params = list(model.parameters()) + list(proposal.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     est = tg.TMC(model, proposal, K=K)

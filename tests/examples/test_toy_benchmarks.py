@@ -79,7 +79,7 @@ def test_chain_factorised_vs_nonfactorised_quick(tmp_path):
     d = _run("chain_factorised_vs_nonfactorised.py", tmp_path)
     _check_common(d)
     exact = norm(0.0, math.sqrt(2.0)).logpdf(1.0)
-    contenders = {"factorised", "prior, paired", "prior, mixture", "SMC, prior"}
+    contenders = {"factorised", "prior, paired", "prior, mixture", "prior, permutation", "SMC, prior"}
     assert set(d["contenders"]) == contenders
     for K in d["grid"]["K"]:
         rows = [r for r in d["rows"] if r["K"] == K]

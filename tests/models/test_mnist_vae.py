@@ -130,7 +130,7 @@ def test_architecture_matches_the_paper():
     assert widths == [(8, 4), (16, 8), (32, 16), (64, 32), (128, 64)]
     assert m.fns["x"].logits.v.shape == (784, 128)
     assert [q[n].parents for n in ("z1", "z2", "z3", "z4", "z5")] == [("x",), ("z1",), ("z2",), ("z3",), ("z4",)]
-    assert all(q[n].coupling == "mixture" for n in q.variables)
+    assert all(q[n].coupling is None for n in q.variables)  # the engine default (permutation)
     assert [q.fns[n].mlp[0].v.shape[0] for n in ("z1", "z2", "z3", "z4", "z5")] == [128, 64, 32, 16, 8]
     _, ql = mnist_vae.build("large", coupling="paired")
     assert [ql.fns[n].mlp[0].v.shape[0] for n in ("z1", "z2", "z3", "z4", "z5")] == [512, 256, 128, 64, 32]
@@ -291,3 +291,13 @@ def test_tmc_vs_iwae_benchmark_quick(tiny_mnist, tmp_path):
     assert (tmp_path / "mnist_tmc_vs_iwae_quick.png").exists()
     assert payload["per_epoch"][0]["epoch"] == 1
     assert os.path.exists(tmp_path / "runs" / "tmc" / "checkpoint.pt")
+
+
+def test_couplings_benchmark_quick(tiny_mnist, tmp_path):
+    bench = load("benchmarks/couplings_mnist.py", "couplings_mnist_bench")
+    payload = bench.main(["--quick", "--data", str(tiny_mnist), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "couplings_mnist_quick.json").read_text())
+    assert set(saved["budget"]["couplings"]) == set(saved["step_time"]) == {"mixture", "permutation", "paired"}
+    assert saved["verdict"]["best_at_equal_steps"] in {"mixture", "permutation", "paired"}
+    assert (tmp_path / "couplings_mnist_quick.png").exists()
+    assert payload is not None

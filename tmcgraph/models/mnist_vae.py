@@ -23,7 +23,8 @@ Recognition models Q (bottom to top, x -> z1 -> ... -> z5):
   Each latent's callable recomputes the chain up to its layer (a pure function of x).
 
 Non-factorised layers are declared with a latent parent, so the engine draws them with
-the chosen coupling (``"mixture"`` by default) and evaluates the matching density.
+the chosen coupling (the engine's default, ``"permutation"``, unless one is named) and
+evaluates the matching density.
 
 Grey levels are Bernoulli targets: ``Bernoulli(logits=..., validate_args=False)``,
 whose ``log_prob`` is x log p + (1 - x) log(1 - p) for any x in [0, 1] (the paper's
@@ -275,13 +276,14 @@ def generative_model() -> Model:
     return m
 
 
-def recognition_model(model: Model, kind: str = "small", coupling: str = "mixture") -> Proposal:
+def recognition_model(model: Model, kind: str = "small", coupling=None) -> Proposal:
     """A recognition model (proposal) for :func:`generative_model`.
 
     Args:
         model: The generative model.
         kind: ``"factorised"``, ``"small"`` or ``"large"``.
-        coupling: Coupling of non-factorised layers (``"mixture"`` or ``"paired"``).
+        coupling: Coupling of non-factorised layers (a name, a coupling object, or
+            ``None`` for the engine's default).
     """
     if kind not in RECOGNITION:
         raise TMCGraphError(f"recognition must be one of {RECOGNITION}, got {kind!r}")
@@ -302,7 +304,7 @@ def recognition_model(model: Model, kind: str = "small", coupling: str = "mixtur
     return q
 
 
-def build(recognition: str = "small", coupling: str = "mixture"):
+def build(recognition: str = "small", coupling=None):
     """``(model, proposal)``: the generative model and a recognition model of kind ``recognition``."""
     m = generative_model()
     return m, recognition_model(m, recognition, coupling)

@@ -64,7 +64,7 @@ def gaussian_toy_log_evidence(x: torch.Tensor) -> torch.Tensor:
     return MultivariateNormal(torch.zeros(N, dtype=torch.float64), cov).log_prob(x)
 
 
-def gaussian_chain(n: int = 100, proposal: str = "factorised", coupling: str = "mixture"):
+def gaussian_chain(n: int = 100, proposal: str = "factorised", coupling=None):
     """Model and proposal of the paper's chain.
 
     Args:

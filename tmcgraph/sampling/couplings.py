@@ -340,7 +340,7 @@ class Joint(Paired):
 COUPLINGS = {c.name: c for c in (Paired, Mixture, Permutation)}
 
 #: The coupling of a declaration that names none.
-DEFAULT = "mixture"
+DEFAULT = "permutation"
 
 
 def get_coupling(spec, name: str = "?") -> Coupling:
