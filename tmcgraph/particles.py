@@ -22,7 +22,25 @@ import torch
 
 from .errors import TMCGraphError
 
-__all__ = ["Samples", "place", "parent_inputs", "expand_plates", "check_batch_shape"]
+__all__ = ["Samples", "Deferred", "place", "parent_inputs", "expand_plates", "check_batch_shape"]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor computed when first needed: ``fn(recipe, *tensors)``.
+
+    Sampling defers the densities that need a K x K grid (the mixture density of the
+    mixture and permutation couplings), so that a compiled program computes them inside
+    the same fused kernels as the factors that consume them. ``recipe`` is hashable and
+    static for a structure; ``tensors`` are the inputs.
+    """
+
+    fn: object
+    recipe: tuple
+    tensors: tuple
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(self.recipe, *self.tensors)
 
 
 @dataclass
@@ -61,8 +79,16 @@ class Samples:
         """Particles of a latent or the data of an observed variable."""
         return self.values[name] if name in self.values else self.data[name]
 
+    def materialize(self) -> "Samples":
+        """Compute every :class:`Deferred` density in place; returns ``self``."""
+        for n, v in list(self.log_q.items()):
+            if isinstance(v, Deferred):
+                self.log_q[n] = v()
+        return self
+
     def detached(self) -> "Samples":
         """A copy whose particles and densities carry no gradient (score-function objectives)."""
+        self.materialize()
         return _replace(self, values={n: v.detach() for n, v in self.values.items()},
                         log_q={n: v.detach() for n, v in self.log_q.items()})
 

@@ -51,9 +51,9 @@ class TMC:
         device: Device for data and distribution parameters.
         dtype: Floating dtype for data and distribution parameters.
         compile: Run factor construction and contraction as ``torch.compile`` d programs,
-            one per structure: ``"auto"`` (default: programs whose plan costs at least
-            :data:`tmcgraph.infer.program.AUTO_MIN_FLOPS`, from their second call),
-            ``True`` (every program from its second call) or ``False`` (always eager).
+            one per structure: ``"auto"`` (default: a program is compiled once its eager
+            calls have cost as much CPU time as compiling it is estimated to), ``True``
+            (every program from its second call) or ``False`` (always eager).
             Falls back to eager execution, with one warning, where compilation fails.
             See :mod:`tmcgraph.infer.program`.
 
@@ -108,13 +108,15 @@ class TMC:
         """The execution context of one call (device, dtype, generator seeded from ``seed``)."""
         return Context(self.device, self.dtype, seed)
 
-    def sample(self, data: dict, seed=None, detach_proposal: bool = False) -> Samples:
+    def sample(self, data: dict, seed=None, detach_proposal: bool = False, defer: bool = False) -> Samples:
         """Draw particles for every latent (reproducible with ``seed``).
 
         ``detach_proposal=True`` evaluates the proposal densities with its parameters
-        detached (sticking-the-landing gradients).
+        detached (sticking-the-landing gradients). ``defer=True`` leaves grid densities
+        to be computed later (by a program, or ``Samples.materialize()``).
         """
-        return draw(self.model, self.proposal, data, self.K, self.context(seed), self.coupling, detach_proposal)
+        return draw(self.model, self.proposal, data, self.K, self.context(seed), self.coupling, detach_proposal,
+                    defer)
 
     def factor_graph(self, samples: Samples) -> FactorGraph:
         """The factor graph (one log-factor per variable) at given particles."""

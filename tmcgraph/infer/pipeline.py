@@ -15,6 +15,7 @@ tensors (``2 f`` for DReGs' ``sum w^2``, masked likelihoods for predictive estim
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -128,16 +129,17 @@ def evaluate(
     Returns:
         The :class:`Evaluation`.
     """
+    programs = getattr(estimator, "programs", None)
+    use_program = programs is not None and not marginals
     if samples is None:
         if data is None:
             raise TMCGraphError("evaluate needs data or samples")
-        samples = estimator.sample(data, seed=seed, detach_proposal=detach_proposal)
+        samples = estimator.sample(data, seed=seed, detach_proposal=detach_proposal, defer=use_program)
     if fixed:
         samples = samples.detached()
     model, ctx = estimator.model, estimator.context()
-    programs = getattr(estimator, "programs", None)
     key = None
-    if programs is not None and not marginals:
+    if use_program:
         key = (model._version, elementwise, structure_key(samples))
         prog = programs.get(key)
         if prog is not None:
@@ -145,13 +147,19 @@ def evaluate(
                 return factor_graph(model, s, ctx).with_keep(keep)
 
             return Evaluation(prog(samples), samples, prog.plan, _build=build)
-    graph = factor_graph(model, samples, ctx)
+    started = time.process_time()
+    skeleton = Samples(**{f: getattr(samples, f) for f in samples.__dataclass_fields__})
+    skeleton.log_q = dict(samples.log_q)  # keeps the deferred densities' recipes
+    graph = factor_graph(model, samples.materialize(), ctx)
     graph = graph.with_keep(resolve_keep(model, graph, elementwise))
     plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
     if not marginals:
+        value = contract(plan, graph.tensors)
         if key is not None:
-            programs.put(key, Program(model, samples, plan, ctx, estimator.compile)).calls += 1
-        return Evaluation(contract(plan, graph.tensors), samples, plan, _graph=graph)
+            prog = programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile))
+            prog.calls += 1
+            prog.eager_seconds += time.process_time() - started
+        return Evaluation(value, samples, plan, _graph=graph)
     differentiable = torch.is_grad_enabled()
     log_z, marg = dim_marginals(graph, strategy=estimator.strategy, memory_limit=estimator.memory_limit,
                                 differentiable=differentiable)

@@ -15,9 +15,13 @@ Compilation policy (the estimators' ``compile=`` option):
 
 * ``False``: never compile.
 * ``True``: compile on the program's first call after the eager one.
-* ``"auto"`` (default): compile on the second call of a program whose plan costs at
-  least :data:`AUTO_MIN_FLOPS` (where a compile of a few seconds pays for itself
-  within a few calls); smaller programs stay eager.
+* ``"auto"`` (default): the ski-rental rule. A program runs eagerly until the CPU time
+  its eager calls have taken reaches the estimated cost of compiling it
+  (:data:`COMPILE_SECONDS` + :data:`COMPILE_SECONDS_PER_FACTOR` per factor, measured on
+  this engine: about 3 s for the Gaussian toy, 29 s for a 50-latent chain, 100 s for 200
+  latents), then compiles. Whatever the speed-up, the total time is then at most about
+  twice that of the better of "always eager" and "compile at once"; a program called a
+  handful of times, or cheap per call (as in most tests), never pays for a compile.
 
 If compilation or the compiled call fails (e.g. no working C++ compiler for inductor),
 the program warns once (:class:`CompileWarning`), falls back to eager execution for
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import types
 import warnings
 from collections import OrderedDict
@@ -38,15 +43,18 @@ import torch
 
 from ..errors import TMCGraphError
 from ..ops.contract import prepare
-from ..particles import Samples
+from ..particles import Deferred, Samples
 from .factors import factor_graph
 
-__all__ = ["Program", "ProgramCache", "CompileWarning", "COMPILE_MODES", "AUTO_MIN_FLOPS", "structure_key"]
+__all__ = ["Program", "ProgramCache", "CompileWarning", "COMPILE_MODES", "COMPILE_SECONDS",
+           "COMPILE_SECONDS_PER_FACTOR", "structure_key", "split_deferred"]
 
 #: Accepted values of ``compile=``.
 COMPILE_MODES = (False, True, "auto")
-#: ``compile="auto"`` compiles programs whose plan costs at least this many flops.
-AUTO_MIN_FLOPS = 10**7
+#: Estimated fixed cost (s) of compiling a program, for ``compile="auto"``.
+COMPILE_SECONDS = 2.0
+#: Estimated cost (s) of compiling per factor of the program, for ``compile="auto"``.
+COMPILE_SECONDS_PER_FACTOR = 0.5
 
 _NAMES = itertools.count()
 
@@ -59,6 +67,8 @@ def structure_key(samples: Samples) -> tuple:
     """Everything about particles that a program's trace depends on (not their values)."""
 
     def meta(t):
+        if isinstance(t, Deferred):
+            return "deferred", t.fn, t.recipe, tuple(meta(x) for x in t.tensors)
         return tuple(t.shape), t.dtype, t.device, t.requires_grad
 
     return (
@@ -72,6 +82,18 @@ def structure_key(samples: Samples) -> tuple:
     )
 
 
+def split_deferred(samples: Samples) -> tuple:
+    """``(static, tensors, inputs)`` of the deferred densities: name -> (fn, recipe), name -> tensors, rest."""
+    static, tensors, rest = {}, {}, {}
+    for n, v in samples.log_q.items():
+        if isinstance(v, Deferred):
+            static[n] = (v.fn, v.recipe)
+            tensors[n] = v.tensors
+        else:
+            rest[n] = v
+    return static, tensors, rest
+
+
 def _fresh(fn, name: str):
     """``fn`` with its own code object, so torch.compile keeps a separate cache for it."""
     code = fn.__code__.replace(co_name=name)
@@ -81,10 +103,14 @@ def _fresh(fn, name: str):
 class Program:
     """Factor construction + contraction of one structure, eager or compiled.
 
+    A call computes the deferred densities of the particles (see
+    :class:`~tmcgraph.particles.Deferred`), builds the factors and contracts them, and
+    returns the value and the computed densities.
+
     Args:
         model: The model.
         skeleton: Particles of the structure (their bookkeeping is reused, their
-            tensors replaced on every call).
+            tensors replaced on every call), taken before their densities are computed.
         plan: The contraction plan of the structure's factor graph.
         ctx: Execution context (dtype/device of distribution parameters).
         mode: ``False``, ``True`` or ``"auto"`` (see the module docstring).
@@ -94,33 +120,53 @@ class Program:
         self.plan = plan
         self.mode = mode
         self.calls = 0
+        #: CPU seconds spent in eager calls (the first, pipeline-run one included by the caller).
+        self.eager_seconds = 0.0
         self.compiled = None
         self.failed = None
         prepared = prepare(plan)
         dims, sizes, ordinals = dict(skeleton.dims), dict(skeleton.sizes), dict(skeleton.ordinals)
         plate_sizes, plates, order = dict(skeleton.plate_sizes), dict(skeleton.plates), list(skeleton.order)
         couplings = dict(skeleton.couplings)
+        deferred = split_deferred(skeleton)[0]
 
-        def body(values, log_q, data):
-            s = Samples(values, dims, sizes, ordinals, log_q, data, plate_sizes, plates, order, couplings)
-            return prepared(factor_graph(model, s, ctx).tensors)
+        def body(values, log_q, deferred_tensors, data):
+            computed = {n: fn(recipe, *deferred_tensors[n]) for n, (fn, recipe) in deferred.items()}
+            s = Samples(values, dims, sizes, ordinals, {**log_q, **computed}, data, plate_sizes, plates, order,
+                        couplings)
+            return prepared(factor_graph(model, s, ctx).tensors), computed
 
         self.eager = _fresh(body, f"tmcgraph_program_{next(_NAMES)}")
+
+    @property
+    def compile_seconds(self) -> float:
+        """The estimated cost of compiling this program (``compile="auto"``)."""
+        return COMPILE_SECONDS + COMPILE_SECONDS_PER_FACTOR * self.plan.n_inputs
 
     @property
     def wants_compile(self) -> bool:
         """Whether the next call should run compiled (by the policy and the calls so far)."""
         if self.failed is not None or self.mode is False:
             return False
-        if self.mode is True:
+        if self.mode is True or self.compiled is not None:
             return True
-        return self.calls >= 1 and self.plan.cost >= AUTO_MIN_FLOPS
+        return self.eager_seconds >= self.compile_seconds
 
     def __call__(self, samples: Samples) -> torch.Tensor:
-        args = (dict(samples.values), dict(samples.log_q), dict(samples.data))
+        """The value at ``samples``; their deferred densities are computed and stored in ``samples``."""
+        _, tensors, rest = split_deferred(samples)
+        args = (dict(samples.values), rest, tensors, dict(samples.data))
         self.calls += 1
+        value, computed = self._run(args)
+        samples.log_q.update(computed)
+        return value
+
+    def _run(self, args):
         if not self.wants_compile:
-            return self.eager(*args)
+            t = time.process_time()
+            out = self.eager(*args)
+            self.eager_seconds += time.process_time() - t
+            return out
         if self.compiled is None:
             self.compiled = torch.compile(self.eager, dynamic=False)
         try:
@@ -130,7 +176,7 @@ class Program:
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             warnings.warn(f"torch.compile failed ({self.failed}); this program runs eagerly", CompileWarning,
-                          stacklevel=3)
+                          stacklevel=4)
             return self.eager(*args)
 
 

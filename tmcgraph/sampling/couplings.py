@@ -50,9 +50,9 @@ import torch
 
 from ..errors import TMCGraphError
 from ..model import Proposal, Variable
-from ..particles import Samples, check_batch_shape, expand_plates, parent_inputs, place
+from ..particles import Deferred, Samples, check_batch_shape, expand_plates, parent_inputs, place
 from .context import Context
-from .reflect import gather_dist
+from .reflect import Unsupported, flatten, gather_dist, unflatten
 
 __all__ = [
     "Site",
@@ -83,6 +83,8 @@ class Site:
         ctx: The call's execution context (generator, dtype, device).
         dim: The latent's sample dim (set from :meth:`Coupling.dim`).
         detach: Evaluate the density with the proposal's parameters detached (STL).
+        defer: A coupling may return its density as a :class:`~tmcgraph.particles.Deferred`
+            (computed later, inside a compiled program).
     """
 
     name: str
@@ -95,6 +97,7 @@ class Site:
     ctx: Context
     dim: Optional[str] = None
     detach: bool = False
+    defer: bool = False
 
     @property
     def latent_parents(self) -> list:
@@ -246,6 +249,16 @@ class Mixture(Coupling):
         z = site.draw(d)
         if grid is None:
             return z, self.log_density(site, z)
+        if site.defer:
+            try:
+                spec, params = flatten(grid)
+            except Unsupported:
+                spec = None
+            if spec is not None:
+                s = site.samples
+                recipe = (spec, len(params), site.dim, tuple(site.plates), pdims,
+                          tuple(s.sizes[pd] for pd in pdims), tuple(site.pshape))
+                return z, Deferred(_mixture_log_q, recipe, tuple(params) + (z,))
         return z, self._reduce(site, grid, z, pdims)
 
     def log_density(self, site: Site, z: torch.Tensor) -> torch.Tensor:
@@ -258,12 +271,8 @@ class Mixture(Coupling):
     def _reduce(self, site: Site, grid, z: torch.Tensor, pdims: tuple) -> torch.Tensor:
         """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)`` from the grid-layout distribution."""
         s = site.samples
-        zg = place(z, (site.dim,), site.plates, (site.dim,) + pdims, site.plates)
-        lg = grid.log_prob(zg)
-        K = z.shape[0]
-        lg = lg.expand([K] + [s.sizes[pd] for pd in pdims] + list(site.pshape))  # Q may ignore a parent
-        red = list(range(1, 1 + len(pdims)))
-        return torch.logsumexp(lg, dim=red) - sum(math.log(s.sizes[pd]) for pd in pdims)
+        return _mixture_reduce(grid, z, site.dim, tuple(site.plates), pdims, [s.sizes[pd] for pd in pdims],
+                               site.pshape)
 
 
 class Permutation(Mixture):
@@ -358,6 +367,21 @@ def get_coupling(spec, name: str = "?") -> Coupling:
             )
         return cls()
     raise TMCGraphError(f"proposal for {name!r}: coupling must be a name or a Coupling instance, got {spec!r}")
+
+
+def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape) -> torch.Tensor:
+    """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)``: the grid-layout density of ``z``, averaged over parents."""
+    zg = place(z, (dim,), plates, (dim,) + tuple(pdims), plates)
+    lg = grid.log_prob(zg)
+    lg = lg.expand([z.shape[0]] + list(Kps) + list(pshape))  # Q may ignore a parent
+    red = list(range(1, 1 + len(pdims)))
+    return torch.logsumexp(lg, dim=red) - sum(math.log(k) for k in Kps)
+
+
+def _mixture_log_q(recipe, *tensors) -> torch.Tensor:
+    """A deferred mixture density: the grid distribution rebuilt from its parameters, then reduced."""
+    spec, n, dim, plates, pdims, Kps, pshape = recipe
+    return _mixture_reduce(unflatten(spec, tensors[:n]), tensors[n], dim, plates, pdims, Kps, pshape)
 
 
 def _with_params(proposal: Proposal, detach: bool, fn):

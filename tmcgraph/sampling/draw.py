@@ -55,6 +55,7 @@ def draw(
     ctx: Optional[Context] = None,
     override: Optional[Coupling] = None,
     detach_proposal: bool = False,
+    defer: bool = False,
 ) -> Samples:
     """Draw particles for every latent in the proposal's topological order.
 
@@ -70,6 +71,9 @@ def draw(
             (sticking-the-landing, Roeder et al. 2017): gradients reach the proposal
             only through the reparameterised particles. Parameters must be registered
             on the proposal (``nn.Module`` callables).
+        defer: Let couplings leave grid densities as :class:`~tmcgraph.particles.Deferred`
+            (for a compiled program to compute); call ``Samples.materialize()`` to compute
+            them.
 
     Returns:
         The :class:`~tmcgraph.particles.Samples`.
@@ -87,7 +91,7 @@ def draw(
         q = proposal[name]
         coupling = couplings[name]
         site = Site(name, q, proposal, s, coupling.num_particles(q, K), q.plates,
-                    [plate_sizes[p] for p in q.plates], ctx, detach=detach_proposal)
+                    [plate_sizes[p] for p in q.plates], ctx, detach=detach_proposal, defer=defer)
         dim, ordinal = coupling.dim(site)
         site.dim = dim
         z, log_q = coupling.sample(site)

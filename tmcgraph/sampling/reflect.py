@@ -16,30 +16,42 @@ whose constructor takes exactly those (plus ``validate_args``): ``Normal``,
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 from torch.distributions import Independent
 
-__all__ = ["Unsupported", "params", "rebuild", "gather_dist", "cast_dist"]
+__all__ = ["Unsupported", "params", "rebuild", "gather_dist", "cast_dist", "flatten", "unflatten"]
 
 
 class Unsupported(Exception):
     """A distribution whose parameters cannot be read and rebuilt."""
 
 
-@functools.lru_cache(maxsize=256)
+_CONSTRUCTORS: dict = {}  # class -> accepted keywords, or None when not rebuildable (a plain dict: traceable)
+
+
 def _constructor(cls) -> tuple:
-    """``(accepted keyword names, takes validate_args)`` of ``cls.__init__``; raises Unsupported."""
+    """The keyword names ``cls.__init__`` accepts; raises Unsupported (cached per class)."""
+    if cls not in _CONSTRUCTORS:
+        if len(_CONSTRUCTORS) > 1024:
+            _CONSTRUCTORS.clear()
+        _CONSTRUCTORS[cls] = _read_constructor(cls)
+    accepts = _CONSTRUCTORS[cls]
+    if accepts is None:
+        raise Unsupported
+    return accepts
+
+
+def _read_constructor(cls):
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
-        raise Unsupported from None
+        return None
     accepts = [k for k in sig.parameters if k != "self"]
     kinds = [sig.parameters[k].kind for k in accepts]
     if any(v in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for v in kinds):
-        raise Unsupported
+        return None
     return tuple(accepts)
 
 
@@ -159,3 +171,31 @@ def _gather_param(t, nb: int, lead: int, full: list, idxs: list, target: list) -
             index.append(torch.arange(target[1 + i], device=t.device).reshape(shape))
     out = t[0][tuple(index)]  # [K_c, *plates, *rest]
     return out.reshape(list(out.shape[: 1 + pl]) + list(rest))
+
+
+def flatten(d) -> tuple:
+    """``(spec, tensors)`` of a rebuildable distribution: its hashable structure and its parameters.
+
+    :func:`unflatten` inverts it. Raises :class:`Unsupported` for distributions
+    :func:`rebuild` cannot handle.
+    """
+    if type(d) is Independent:
+        spec, ts = flatten(d.base_dist)
+        return ("independent", d.reinterpreted_batch_ndims, spec), ts
+    names = _param_names(d)
+    accepts = _constructor(type(d))
+    optional = {"validate_args", "probs", "logits"}
+    if any(k not in names and k not in optional for k in accepts) or any(k not in accepts for k in names):
+        raise Unsupported
+    return ("dist", type(d), tuple(names), "validate_args" in accepts), tuple(d.__dict__[k] for k in names)
+
+
+def unflatten(spec: tuple, tensors) -> object:
+    """The distribution of :func:`flatten`'s ``spec`` with parameters ``tensors``."""
+    if spec[0] == "independent":
+        return Independent(unflatten(spec[2], tensors), spec[1], validate_args=False)
+    _, cls, names, validate = spec
+    kw = dict(zip(names, tensors))
+    if validate:
+        kw["validate_args"] = False
+    return cls(**kw)
