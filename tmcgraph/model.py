@@ -94,6 +94,15 @@ class Variable:
         return d
 
 
+def _check_acyclic(g: nx.DiGraph, what: str) -> None:
+    """Raise naming the cycle if ``g`` has one."""
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return
+    raise TMCGraphError(f"{what} graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
+
+
 def _parents_of(name: str, fn: Callable, parents: Optional[Sequence[str]]):
     """Parent names and calling convention of a declared callable."""
     if parents is not None:
@@ -257,12 +266,7 @@ class Model(_Declared):
                         "a variable must lie in every plate of its parents"
                     )
         g = self.graph
-        try:
-            cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
-            raise TMCGraphError("model graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
+        _check_acyclic(g, "model")
         if not self.latents and not self.observed_names:
             raise TMCGraphError("model declares no variables")
         pos = {n: i for i, n in enumerate(self._vars)}
@@ -427,12 +431,7 @@ class Proposal(_Declared):
                         "(only observed parents may lie in extra plates: they arrive as trailing dims)"
                     )
         g = self.graph
-        try:
-            cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
-            raise TMCGraphError("proposal graph has a cycle: " + " -> ".join([e[0] for e in cycle] + [cycle[0][0]]))
+        _check_acyclic(g, "proposal")
         pos = {n: i for i, n in enumerate(m._vars)}
         order = [n for n in nx.lexicographical_topological_sort(g, key=pos.__getitem__) if n in self._vars]
         self._validated = (state, order)

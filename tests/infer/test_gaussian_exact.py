@@ -13,25 +13,13 @@ import pytest
 import torch
 from lingauss import LinearGaussian
 from torch.distributions import Normal
+from unbiased import assert_unbiased, z_score
 
 import tmcgraph as tg
 from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
 from tmcgraph.ops import Factor
 
 R = 3000
-
-
-def z_score(log_est: torch.Tensor, exact: float):
-    w = torch.exp(log_est.detach().double() - exact)
-    se = w.std() / math.sqrt(w.numel())
-    return float((w.mean() - 1) / se), float(se)
-
-
-def assert_unbiased(log_est, exact, max_se=0.1):
-    assert torch.isfinite(log_est).all()
-    z, se = z_score(log_est, exact)
-    assert abs(z) < 4, f"z-score {z:.2f} (se {se:.3g})"
-    assert se < max_se, f"standard error {se:.3g} too large for the test to have power"
 
 
 # --------------------------------------------------------------------------- toy

@@ -23,6 +23,7 @@ import pytest
 import torch
 from scipy import special, stats
 from torch.distributions import Bernoulli, Categorical, Normal
+from unbiased import assert_unbiased, z_score
 
 import tmcgraph as tg
 from tmcgraph.models import toys
@@ -30,20 +31,6 @@ from tmcgraph.sampling.draw import proposal_log_q
 
 F64 = torch.float64
 R = 3000  # replicates of every unbiasedness test
-
-
-def z_score(log_est: torch.Tensor, exact: float):
-    """``(mean(w) - 1) / se`` and ``se`` for w = exp(log_est - exact)."""
-    w = torch.exp(log_est.detach().double() - exact)
-    se = w.std() / math.sqrt(w.numel())
-    return float((w.mean() - 1) / se), float(se)
-
-
-def assert_unbiased(log_est, exact, max_se=0.1):
-    assert torch.isfinite(log_est).all()
-    z, se = z_score(log_est, exact)
-    assert abs(z) < 4, f"z-score {z:.2f} (se {se:.3g})"
-    assert se < max_se, f"standard error {se:.3g} too large for the test to have power"
 
 
 def block_law(K_parent: int, K_child: int) -> dict:
