@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 
 from ..errors import TMCGraphError
@@ -9,6 +12,38 @@ from ..model import Model
 from .context import Context
 
 __all__ = ["bind_data"]
+
+# Data tensors already found finite: id -> (weak reference, version counter). A tensor is
+# checked again after any in-place change (its version moves) and never confused with
+# another one that reuses its id (the weak reference must still point at it).
+_FINITE: dict = {}
+_FINITE_MAX = 1024
+_LOCK = threading.Lock()
+
+
+def _known_finite(x: torch.Tensor) -> bool:
+    entry = _FINITE.get(id(x))
+    return entry is not None and entry[0]() is x and entry[1] == x._version
+
+
+def _remember_finite(x: torch.Tensor) -> None:
+    with _LOCK:
+        if len(_FINITE) >= _FINITE_MAX:
+            _FINITE.clear()
+        try:
+            _FINITE[id(x)] = (weakref.ref(x), x._version)
+        except TypeError:  # pragma: no cover - tensor subclasses without weak references
+            pass
+
+
+def _check_finite(n: str, x: torch.Tensor) -> None:
+    """Raise naming the first non-finite entry of ``x``; each tensor version is checked once."""
+    if _known_finite(x):
+        return
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise TMCGraphError(f"data for {n!r} has non-finite values (first at index {bad})")
+    _remember_finite(x)
 
 
 def bind_data(model: Model, data: dict, ctx: Context = None):
@@ -45,9 +80,7 @@ def bind_data(model: Model, data: dict, ctx: Context = None):
             x = torch.as_tensor(x)
         x = ctx.to(x)
         if x.is_floating_point() or x.is_complex():
-            if not bool(torch.isfinite(x).all()):
-                bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-                raise TMCGraphError(f"data for {n!r} has non-finite values (first at index {bad})")
+            _check_finite(n, x)
         plates = model[n].plates
         if x.dim() < len(plates):
             raise TMCGraphError(
