@@ -20,16 +20,24 @@ __all__ = ["brute_force", "enumerate_log_weights", "MAX_COMBINATIONS"]
 MAX_COMBINATIONS = 2_000_000
 
 
-def brute_force(graph) -> torch.Tensor:
+def brute_force(graph, ordinals=None, keep=None) -> torch.Tensor:
     """Log of the plated sum-product of a :class:`~tmcgraph.ops.factor.FactorGraph` by full enumeration.
 
     Args:
-        graph: The factor graph (its ``keep`` plate, if any, gives per-element values).
+        graph: The factor graph (its ``keep`` plate, if any, gives per-element values),
+            or a sequence of factors, with ``ordinals`` (sample dim -> plates it is local
+            to) and optionally ``keep``.
+        ordinals: With a sequence of factors: their sample dims' ordinals.
+        keep: With a sequence of factors: a plate to keep per element.
 
     Returns:
         A scalar (or a vector over ``keep``), differentiable w.r.t. the factor tensors.
     """
-    return _brute_force(graph.factors, graph.ordinals, graph.keep)
+    if ordinals is None and keep is None and hasattr(graph, "factors"):
+        return _brute_force(graph.factors, graph.ordinals, graph.keep)
+    if ordinals is None:
+        raise TypeError("brute_force needs a FactorGraph, or factors and their ordinals")
+    return _brute_force(list(graph), dict(ordinals), keep)
 
 
 def _brute_force(factors, ordinals: dict, keep=None) -> torch.Tensor:
