@@ -349,7 +349,7 @@ def no_distribution_validation() -> dict:
     ``validate_args=False`` either way. Returns the setting, for the JSON.
     """
     torch.distributions.Distribution.set_default_validate_args(False)
-    if "pyro" in sys.modules:
+    if sys.modules.get("pyro") is not None:
         sys.modules["pyro"].enable_validation(False)
     return {"distribution_validation": False}
 

@@ -145,3 +145,16 @@ def test_bad_compile_option():
     m, q = toys.gaussian_toy()
     with pytest.raises(tg.TMCGraphError, match="compile must be one of"):
         tg.TMC(m, q, compile="yes")
+
+
+def test_compiled_calls_leave_distribution_validation_as_it_was():
+    from torch.distributions import Distribution
+
+    before = Distribution._validate_args
+    m, q = toys.gaussian_toy()
+    est = tg.TMC(m, q, K=4, compile=True)
+    x = {"x": toys.gaussian_toy_data(4)}
+    for s in range(3):
+        est.log_evidence(x, seed=s)
+    assert est.programs.info()["compiled"] == 1
+    assert Distribution._validate_args == before

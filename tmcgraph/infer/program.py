@@ -31,6 +31,7 @@ function; values agree to floating point rounding, not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -167,10 +168,11 @@ class Program:
             out = self.eager(*args)
             self.eager_seconds += time.process_time() - t
             return out
-        if self.compiled is None:
-            self.compiled = torch.compile(self.eager, dynamic=False)
         try:
-            return self.compiled(*args)
+            with _validation_off():
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.eager, dynamic=False)
+                return self.compiled(*args)
         except TMCGraphError:
             raise
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
@@ -178,6 +180,22 @@ class Program:
             warnings.warn(f"torch.compile failed ({self.failed}); this program runs eagerly", CompileWarning,
                           stacklevel=4)
             return self.eager(*args)
+
+
+@contextlib.contextmanager
+def _validation_off():
+    """Distribution argument validation off during a compiled call, the caller's setting restored after.
+
+    Dynamo's one-time set-up turns ``torch.distributions`` validation off for the whole
+    process; restoring the setting keeps a compiled call from changing global state. The
+    structure's arguments were validated by the program's first (eager) call.
+    """
+    prev = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(prev)
 
 
 class ProgramCache:
