@@ -710,7 +710,9 @@ def print_row(label: str, row: dict) -> None:
 
 #: Plot colours per contender (others get matplotlib's cycle).
 COLORS = {"tmcgraph": "tab:red", "tmcgraph-compiled": "tab:orange", "hand": "tab:blue",
-          "hand-compiled": "tab:cyan", "pyro": "tab:green", "pyro-enum": "tab:green", "pyro-tmc": "tab:olive"}
+          "hand-compiled": "tab:cyan", "pyro": "tab:green", "pyro-enum": "tab:green", "pyro-tmc": "tab:olive",
+          "tmcgraph-iwae": "tab:purple", "tmcgraph-iwae-compiled": "tab:pink", "hand-iwae": "tab:brown",
+          "hand-iwae-compiled": "tab:gray"}
 
 
 def plot_contenders(rows: list, path, label: Callable, title: str, extra: Optional[Callable] = None) -> None:
@@ -736,7 +738,7 @@ def plot_contenders(rows: list, path, label: Callable, title: str, extra: Option
         axes[0].bar(xs, t, width, label=k, **kw)
         axes[1].bar(xs, f, width, label=k, **kw)
         ff = [r.get("limit", {}).get("fraction_of_fused_limit", {}).get(k, float("nan")) for r in rows]
-        axes[1].plot(xs, ff, "k_", ms=8, mew=1.5, label="of the fused-exp limit" if i == 0 else None)
+        fused = axes[1].plot(xs, ff, "k_", ms=8, mew=1.5)[0]
     axes[0].set_yscale("log")
     lo, hi = axes[0].get_ylim()
     axes[0].set_ylim(lo, hi * 6)  # room for the legend
@@ -748,8 +750,9 @@ def plot_contenders(rows: list, path, label: Callable, title: str, extra: Option
     axes[1].set_yscale("log")
     axes[1].set_ylabel("fraction of the torch.exp limit\n(ideal time / measured; bars)")
     axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
-    if any("fraction_of_fused_limit" in r.get("limit", {}) for r in rows):
-        axes[1].legend(fontsize=7, loc="lower right")
+    if names and any("fraction_of_fused_limit" in r.get("limit", {}) for r in rows):
+        axes[1].legend([fused], ["fraction of the fused-exp limit (inductor exp, measured)"], fontsize=7,
+                       loc="lower right")
     axes[1].set_xticks(range(len(rows)))
     axes[1].set_xticklabels(labels, fontsize=7)
     missing = {}

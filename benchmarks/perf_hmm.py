@@ -159,7 +159,14 @@ def pyro_hmm_enum(p: dict, pyro_mods):
 
     mm = config_enumerate(model, "parallel")
     elbo = TraceEnum_ELBO(max_plate_nesting=0)
-    return lambda x: -elbo.differentiable_loss(mm, lambda x: None, x)
+
+    def f(x):
+        if torch.is_grad_enabled():
+            return -elbo.differentiable_loss(mm, lambda x: None, x)
+        # Under no_grad differentiable_loss refuses (nothing requires grad); loss is the same value.
+        return -torch.as_tensor(elbo.loss(mm, lambda x: None, x))
+
+    return f
 
 
 def pyro_hmm_tmc(p: dict, pyro_mods):

@@ -589,7 +589,7 @@ def _plot(rows, res, path):
         ax.set_xlabel("CPU ms per training step (median)")
         ax.set_title(f"small, K={res['K']}, batch {res['batch']}: outside the networks "
                      f"{100 * res['outside_share_median']:.1f}%", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
     plot_contenders(rows, path, lambda r: f"{r['recognition']}\n{r['mode']}",
                     f"MNIST chain, K={rows[0]['K']}, batch {rows[0]['batch']}: loss (fwd) / loss + backward, "
