@@ -25,6 +25,8 @@ ALLOWED = {
     "models": {"errors", "model", "particles", "sampling", "ops", "infer"},
     "data": {"errors"},
     "contrib": {"errors"},
+    "pyro": {"errors", "model", "particles", "sampling", "ops", "infer"},
+    "export": {"errors", "model", "particles", "sampling", "ops", "infer"},
 }
 
 
@@ -76,5 +78,5 @@ def _loaded(code: str) -> list:
 
 def test_import_tmcgraph_loads_no_application():
     mods = _loaded("import tmcgraph")
-    for app in ("tmcgraph.models", "tmcgraph.data", "tmcgraph.contrib"):
+    for app in ("tmcgraph.models", "tmcgraph.data", "tmcgraph.contrib", "tmcgraph.pyro", "tmcgraph.export"):
         assert f"'{app}" not in mods, app
