@@ -59,6 +59,7 @@ def parse(argv=None):
     p.add_argument("--K", type=int, default=20)
     p.add_argument("--recognition", default="small")
     p.add_argument("--data", default=None, help="MNIST directory")
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="IDX dataset")
     p.add_argument("--runs", default=None, help="folder for the two training runs (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -72,7 +73,8 @@ def main(argv=None) -> dict:
     seed = 0
     ex = load_example()
     runs = pathlib.Path(a.runs) if a.runs else pathlib.Path(tempfile.mkdtemp(prefix="mnist_tmc_vs_iwae_"))
-    common = ["--recognition", a.recognition, "--K", str(a.K), "--seed", str(seed), "--threads", str(a.threads),
+    common = ["--dataset", a.dataset, "--recognition", a.recognition, "--K", str(a.K), "--seed", str(seed),
+              "--threads", str(a.threads),
               "--no-progress", "--no-plots", "--no-download"]
     if a.data:
         common += ["--data", a.data]
@@ -134,20 +136,19 @@ def main(argv=None) -> dict:
 def coupling_check(ex, runs: pathlib.Path, a, limit_test) -> dict:
     """TMC bound of each trained model with its recognition layers drawn with the mixture (as trained)
     and with the paired coupling (same weights), and the IWAE bound for reference."""
-    import torch
-
+    from tmcgraph.contrib import checkpoint
     from tmcgraph.data import mnist as mnist_data
     from tmcgraph.models import mnist_vae
 
-    test_x = mnist_data.load_mnist(a.data, download=False).test_x[:limit_test]
+    test_x = mnist_data.load_mnist(a.data, download=False, dataset=a.dataset).test_x[:limit_test]
     out = {}
     for obj in ("iwae", "tmc"):
-        ckpt = torch.load(runs / obj / "checkpoint.pt", map_location="cpu", weights_only=False)
+        state = checkpoint.load(runs / obj / "checkpoint.pt", ex.KIND)["state"]  # weights_only=True
         row = {}
         for coupling in ("mixture", "permutation", "paired"):
             m, q = mnist_vae.build(a.recognition, coupling)
-            m.load_state_dict(ckpt["model"])
-            q.load_state_dict(ckpt["proposal"])
+            m.load_state_dict(state["model"])
+            q.load_state_dict(state["proposal"])
             ev = ex.evaluate(m, q, test_x, a.K, 500, seed=777)
             row[f"tmc_bound_{coupling}"] = ev["tmc"]
             row["iwae_bound"] = ev["iwae"]
@@ -193,5 +194,18 @@ def plot(payload: dict, path) -> None:
     save_figure(fig, path)
 
 
+def cli(argv=None) -> int:
+    """Command-line entry: bad input (e.g. a foreign or incompatible checkpoint in ``--runs``) is one
+    ``error:`` line on stderr and exit status 2."""
+    from tmcgraph.errors import TMCGraphError
+
+    try:
+        main(argv)
+    except TMCGraphError as e:
+        print(f"{pathlib.Path(__file__).name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

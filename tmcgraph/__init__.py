@@ -21,10 +21,13 @@ from .infer import (
     VAE,
     Evaluation,
     Posterior,
+    diagnose,
     log_evidence,
+    marginal_ess,
     objective,
     posterior,
     predictive_log_likelihood,
+    weight_ess,
 )
 from .model import Model, Plate, Proposal
 from .ops import Factor, FactorGraph, brute_force
@@ -49,6 +52,9 @@ __all__ = [
     "posterior",
     "Posterior",
     "predictive_log_likelihood",
+    "diagnose",
+    "marginal_ess",
+    "weight_ess",
     "RWS",
     "SMC",
     "Factor",

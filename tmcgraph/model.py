@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TMCGraphError
 
-__all__ = ["Plate", "Variable", "Model", "Proposal", "check_inference_inputs"]
+__all__ = ["Plate", "Variable", "ElementIndex", "Model", "Proposal", "check_inference_inputs"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,18 @@ class Plate:
     Attributes:
         name: Plate name, used as ``plate=`` in declarations.
         size: Number of elements, or ``None`` to take it from the data (minibatches).
+            For a subsampled plate: the full size N.
+        subsample: Whether calls may give a minibatch of B of the N elements (their
+            indices as the data of :attr:`index`); each element's log-contribution is
+            then scaled by N / B (:mod:`tmcgraph.infer.subsample`).
+        index: Subsampled plates: the observed variable holding the element indices
+            (``"<name>_index"``), which callables may take as a parent.
     """
 
     name: str
     size: Optional[int] = None
+    subsample: bool = False
+    index: Optional[str] = None
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Variable:
         K: Proposal only: particles for this latent (``None``: the estimator's K).
         enumerate: Proposal only: take the support as particles (exact marginalisation).
         prior: Proposal only: the proposal is the model's prior for this latent.
+        index_of: The element indices of this subsampled plate (data, no factor).
     """
 
     name: str
@@ -70,6 +79,7 @@ class Variable:
     K: Optional[int] = None
     enumerate: bool = False
     prior: bool = False
+    index_of: Optional[str] = None
 
     def dist(self, values: dict) -> torch.distributions.Distribution:
         """Call ``fn`` with the parent values taken from ``values``."""
@@ -92,6 +102,28 @@ class Variable:
                 "expected a torch.distributions.Distribution"
             )
         return d
+
+
+class ElementIndex(torch.distributions.Distribution):
+    """The element indices of a subsampled plate: given data, not modelled (``log_prob`` is 0).
+
+    Args:
+        size: The plate's full size N (indices lie in ``[0, N)``).
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        super().__init__(validate_args=False)
+
+    @property
+    def support(self):
+        return torch.distributions.constraints.integer_interval(0, self.size - 1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(value.shape, dtype=torch.get_default_dtype(), device=value.device)
 
 
 def _check_acyclic(g: nx.DiGraph, what: str) -> None:
@@ -129,6 +161,15 @@ def _parents_of(name: str, fn: Callable, parents: Optional[Sequence[str]]):
             continue  # defaulted parameters are configuration, not parents
         names.append(p.name)
     return tuple(names), True
+
+
+def _index_fn(size: int) -> Callable:
+    """The callable of a subsampled plate's index variable."""
+
+    def index():
+        return ElementIndex(size)
+
+    return index
 
 
 class _Declared(nn.Module):
@@ -181,15 +222,29 @@ class Model(_Declared):
         super().__init__()
         self.plates: dict[str, Plate] = {}
 
-    def plate(self, name: str, size: Optional[int] = None) -> None:
-        """Declare a plate. ``size=None`` takes the size from the data (minibatches)."""
+    def plate(self, name: str, size: Optional[int] = None, subsample: bool = False) -> None:
+        """Declare a plate. ``size=None`` takes the size from the data (minibatches).
+
+        ``subsample=True`` (with the full ``size`` N) lets a call give B of the N elements:
+        the data along the plate are those elements and the observed variable
+        ``"<name>_index"`` (declared here) holds their indices in ``[0, N)``; each
+        element's log-contribution is scaled by N / B (:mod:`tmcgraph.infer.subsample`).
+        Callables may take ``<name>_index`` as a parent (per-element parameters).
+        """
         if name in self.plates:
             raise TMCGraphError(f"plate {name!r} is declared twice")
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise TMCGraphError(f"plate name {name!r} must be an identifier not starting with '_'")
         if size is not None and (int(size) != size or size < 1):
             raise TMCGraphError(f"plate {name!r}: size must be a positive integer or None, got {size!r}")
-        self.plates[name] = Plate(name, None if size is None else int(size))
+        if subsample and size is None:
+            raise TMCGraphError(f"plate {name!r}: subsample=True needs the full size, e.g. size=N")
+        index = f"{name}_index" if subsample else None
+        if index in self._vars:
+            raise TMCGraphError(f"plate {name!r}: its index variable {index!r} is already declared")
+        self.plates[name] = Plate(name, None if size is None else int(size), bool(subsample), index)
+        if subsample:
+            self._register(Variable(index, _index_fn(int(size)), (), (name,), "observed", index_of=name))
 
     def _plates(self, name: str, plate) -> tuple:
         if plate is None:
@@ -390,6 +445,62 @@ class Proposal(_Declared):
             Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, None, None, enumerate=True)
         )
 
+    def joint(self, plate: str = "auto") -> None:
+        """Draw the latents of ``plate`` as K joint samples of the whole plate (crossed plates).
+
+        Latents in crossed plates (e.g. ``a_u`` per user and ``b_i`` per item, observed
+        ``y_ui`` in both) cannot all have one index per plate element: the sum over
+        their combinations does not factorise. With ``q.joint("items")`` every sampled
+        latent in plate ``items`` shares one sample dim that is *not* local to
+        ``items``: particle ``k`` is a whole vector ``(b_1^k, ..., b_I^k)`` drawn paired
+        along that dim (:class:`tmcgraph.sampling.couplings.Across`). The estimator is
+        importance sampling (IWAE-like) along ``items`` and TMC everywhere else, and
+        stays unbiased for p(x). ``plate="auto"`` picks the smaller of each pair of
+        crossed plates (by declared size) when :meth:`validate` finds them.
+        """
+        if plate != "auto" and plate not in self.model.plates:
+            raise TMCGraphError(f"q.joint: unknown plate {plate!r}; plates are {list(self.model.plates)}")
+        joints = tuple(getattr(self, "_joints", ()))
+        if plate in joints:
+            raise TMCGraphError(f"q.joint({plate!r}) is declared twice")
+        object.__setattr__(self, "_joints", joints + (plate,))
+        self._version += 1
+
+    @property
+    def joint_plates(self) -> tuple:
+        """The plates whose latents are drawn jointly (``q.joint``; ``"auto"`` resolved by :meth:`validate`)."""
+        self.validate()
+        return self._validated[2]
+
+    def _resolve_joints(self) -> tuple:
+        """``q.joint`` plates with ``"auto"`` resolved; raises on crossed plates nobody resolved."""
+        m = self.model
+        declared = tuple(getattr(self, "_joints", ()))
+        joints = [p for p in declared if p != "auto"]
+        while True:
+            crossing = _crossing(m, self, joints)
+            if crossing is None:
+                return tuple(joints)
+            (a, va), (b, vb), (S, vs) = crossing
+            if "auto" in declared:
+                pa = [p for p in a if p not in b]
+                pb = [p for p in b if p not in a]
+                sizes = {p: m.plates[p].size for p in pa + pb}
+                if any(v is None for v in sizes.values()):
+                    raise TMCGraphError(
+                        f"q.joint('auto') cannot choose between crossed plates {pa} and {pb}: their sizes are "
+                        f"not declared; name one, e.g. q.joint({pb[0]!r})")
+                joints.append(min(pa + pb, key=lambda p: (sizes[p], (pa + pb).index(p))))
+                continue
+            raise TMCGraphError(
+                f"crossed plates: latent(s) {va} in plates {list(a)} and {vb} in plates {list(b)} meet in "
+                f"{vs} (plates {list(S)}); their particle combinations do not factorise over the plate elements. "
+                f"Options: q.joint({[p for p in b if p not in a][0]!r}) or "
+                f"q.joint({[p for p in a if p not in b][0]!r}) "
+                "(K joint samples of that plate's latents: importance sampling along it, TMC elsewhere), "
+                "q.joint('auto') (the smaller plate), or nest the plates"
+            )
+
     @property
     def graph(self) -> nx.DiGraph:
         """Sampling graph of Q (enumerated latents depend on their model parents)."""
@@ -434,8 +545,39 @@ class Proposal(_Declared):
         _check_acyclic(g, "proposal")
         pos = {n: i for i, n in enumerate(m._vars)}
         order = [n for n in nx.lexicographical_topological_sort(g, key=pos.__getitem__) if n in self._vars]
-        self._validated = (state, order)
+        self._validated = (state, order, self._resolve_joints())
         return list(order)
+
+
+def _crossing(m: "Model", q: "Proposal", joints) -> Optional[tuple]:
+    """The first pair of crossed plate sets the factors would live at, or ``None``.
+
+    A latent's sample dim is local to its plates (minus ``joints`` for sampled latents
+    in a joint plate); a factor lives at the plates some of its dims are local to.
+    Those sets must be nested wherever they meet inside another (the planner's ordinal
+    tree, :mod:`tmcgraph.ops.ordinals`). Returns ``((a, vars at a), (b, vars at b),
+    (S, vars at S))``.
+    """
+    local = {}
+    for n in m.latents:
+        v = m[n]
+        enum = n in q and q[n].enumerate
+        local[n] = set(v.plates) if enum else set(p for p in v.plates if p not in joints)
+    lives = {}
+    for n, v in m.variables.items():
+        dims = ([n] if v.kind == "latent" else []) + [p for p in v.parents if p in local]
+        at = frozenset(p for p in v.plates if any(p in local[d] for d in dims))
+        lives.setdefault(at, []).append(n)
+    sets = set(lives) | {frozenset()}
+    for S in sorted(sets, key=len):
+        subs = sorted((T for T in sets if T < S), key=lambda T: (len(T), sorted(T)))
+        for i, a in enumerate(subs):
+            for b in subs[i + 1:]:
+                if not (a <= b or b <= a):
+                    def order(T):
+                        return tuple(p for p in m.plates if p in T)
+                    return ((order(a), lives.get(a, [])), (order(b), lives.get(b, [])), (order(S), lives.get(S, [])))
+    return None
 
 
 def check_inference_inputs(model, proposal, K) -> None:

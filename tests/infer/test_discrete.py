@@ -130,3 +130,35 @@ def test_enumeration_marginalises_exactly_inside_the_contraction(f64):
     ).sum(-1)
     truth = torch.logsumexp(lw + per_point, 0) - math.log(4)
     assert float(r.log_evidence) == pytest.approx(float(truth), rel=1e-10)
+
+
+def test_static_supports_are_enumerated_once_and_exact(f64):
+    """After the first call the sampler does not evaluate an enumerated latent's distribution;
+    the value still equals exact enumeration (the forward algorithm) on every call."""
+
+    calls = []
+    trans = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
+
+    def step(z):
+        calls.append(tuple(z.shape))
+        return torch.distributions.Categorical(probs=trans[z])
+
+    m = tg.Model()
+    m.latent("z0", lambda: torch.distributions.Categorical(probs=torch.tensor([0.6, 0.4])))
+    m.latent("z1", step, parents=["z0"])
+    m.observed("x", lambda z: torch.distributions.Normal(z.to(torch.float64), 1.0), parents=["z1"])
+    q = tg.Proposal(m)
+    q.enumerate("z0")
+    q.enumerate("z1")
+    est = tg.TMC(m, q, compile=False)
+    x = torch.tensor(0.3, dtype=torch.float64)
+    exact = torch.logsumexp(torch.stack([
+        torch.log(torch.tensor([0.6, 0.4])[a]) + torch.log(trans[a, b])
+        + torch.distributions.Normal(float(b), 1.0).log_prob(x)
+        for a, b in itertools.product(range(2), range(2))]), 0)
+    est.log_evidence({"x": x})
+    first = len(calls)
+    for _ in range(3):
+        calls.clear()
+        assert float(est.log_evidence({"x": x})) == pytest.approx(float(exact), rel=1e-12)
+        assert len(calls) == first - 1  # the model factor only, not the sampler

@@ -225,8 +225,8 @@ def test_resume_continues_exactly(tiny_mnist, tmp_path, example):
     for ra, rb in zip(straight["metrics"], resumed["metrics"], strict=True):
         assert {k: v for k, v in ra.items() if k != "train_seconds"} == \
                {k: v for k, v in rb.items() if k != "train_seconds"}
-    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state"]
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state"]
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k])
     for k in ca["proposal"]:
@@ -260,7 +260,7 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(tiny_mnist, tmp_path,
     victim = tiny_mnist / "t10k-labels-idx1-ubyte.gz"
     victim.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x01\x05"))
     data = victim.read_bytes()
-    assert example.cli(args(tiny_mnist, tmp_path / "z")) == 1
+    assert example.cli(args(tiny_mnist, tmp_path / "z")) == 2
     assert victim.read_bytes() == data
     with pytest.raises(tg.TMCGraphError, match="t10k-labels-idx1-ubyte.gz.*corrupt"):
         example.main(args(tiny_mnist, tmp_path / "z"))

@@ -1,3 +1,3 @@
-"""Opt-in, process-level extras (the CPU allocator knob). Not imported by ``import tmcgraph``."""
+"""Opt-in extras: the CPU allocator knob and safe checkpoints. Not imported by ``import tmcgraph``."""
 
-__all__ = ["allocator"]
+__all__ = ["allocator", "checkpoint"]

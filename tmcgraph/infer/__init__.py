@@ -5,8 +5,9 @@ Stage four of the pipeline (model -> sampling -> ops -> infer): everything here 
 contract) and interprets the result.
 """
 
+from .diagnostics import Diagnostics, WeightESS, diagnose, graph_weight_ess, kish_ess, marginal_ess, weight_ess
 from .estimators import IWAE, TMC, VAE, log_evidence
-from .objectives import STL, DReGs, Loss, Objective, Reparam, bound, objective
+from .objectives import STL, DReGs, Loss, Objective, Reparam, ScoreFunction, bound, objective
 from .pipeline import PER_BATCH, Evaluation, evaluate
 from .posterior import Posterior, PosteriorSamples, posterior, predictive_log_likelihood
 from .rws import RWS, RWSResult
@@ -24,6 +25,7 @@ __all__ = [
     "Reparam",
     "STL",
     "DReGs",
+    "ScoreFunction",
     "Loss",
     "objective",
     "bound",
@@ -35,4 +37,11 @@ __all__ = [
     "RWSResult",
     "SMC",
     "SMCResult",
+    "Diagnostics",
+    "WeightESS",
+    "diagnose",
+    "graph_weight_ess",
+    "kish_ess",
+    "marginal_ess",
+    "weight_ess",
 ]

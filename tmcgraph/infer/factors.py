@@ -23,11 +23,14 @@ from ..model import Model
 from ..ops.factor import Factor, FactorGraph
 from ..particles import Samples, check_batch_shape, parent_inputs, place
 from ..sampling.context import Context
+from .subsample import plate_scales
 
-__all__ = ["factor_graph"]
+__all__ = ["factor_graph", "factor_builders"]
 
 
-def _log_prob(role: str, name: str, d, value, target: list, labels: list) -> torch.Tensor:
+def _log_prob(role: str, name: str, d, value, target: list, labels: list, check: bool = True) -> torch.Tensor:
+    if not check:  # a program's later calls: the structure's first call checked these shapes
+        return d.log_prob(value).expand(target)
     check_batch_shape(name, role, d, target, labels)
     try:
         lp = d.log_prob(value)
@@ -49,12 +52,22 @@ def _log_prob(role: str, name: str, d, value, target: list, labels: list) -> tor
     return lp.expand(target)
 
 
-def factor_graph(model: Model, samples: Samples, ctx: Context = None) -> FactorGraph:
-    """The :class:`~tmcgraph.ops.factor.FactorGraph` of ``model`` at ``samples``.
+def _narrow(t: torch.Tensor, narrowed: tuple) -> torch.Tensor:
+    """``t`` (a factor-layout input, possibly broadcast) restricted to the narrowed sample-dim entries."""
+    for ax, i in narrowed:
+        if t.shape[ax] != 1:
+            t = t.narrow(ax, i, 1)
+    return t
 
-    One factor per model variable, in the model's topological order, plus a constant
-    ``-log K`` factor for a sample dim whose first owner does not live exactly at the
-    dim's ordinal (IWAE's joint dim). All tensors share one floating dtype.
+
+def factor_builders(model: Model, samples: Samples, ctx: Context = None, check: bool = True) -> list:
+    """One ``(name, sample dims, plates, build)`` per factor of :func:`factor_graph`, in its order.
+
+    ``build(narrowed=())`` computes the factor's log values; ``narrowed`` (``(axis, index)``
+    pairs over sample-dim axes, as :class:`tmcgraph.ops.factor.Lazy` passes them) restricts
+    the particles, parent values and densities the factor is computed from, so a slice is
+    computed at the slice's size. The dtype promotion of :func:`factor_graph` is not applied.
+    ``check=False`` skips the shape checks (for structures already checked once).
     """
     ctx = ctx or Context()
     s = samples
@@ -68,31 +81,58 @@ def factor_graph(model: Model, samples: Samples, ctx: Context = None) -> FactorG
     for d in owners:
         if d not in folded:
             ordinal = s.ordinals[d]
-            ref = s.log_q[owners[d]]
-            t = torch.full([s.plate_sizes[p] for p in ordinal], -math.log(s.sizes[d]), dtype=ref.dtype,
-                           device=ref.device)
-            out.append(Factor(f"_logK_{d}", t, (), ordinal))
+
+            def build_log_k(narrowed=(), d=d, ordinal=ordinal):
+                ref = s.log_q[owners[d]]
+                return torch.full([s.plate_sizes[p] for p in ordinal], -math.log(s.sizes[d]), dtype=ref.dtype,
+                                  device=ref.device)
+
+            out.append((f"_logK_{d}", (), tuple(ordinal), build_log_k))
     for name in model.validate():
         v = model[name]
+        if v.index_of is not None:  # a subsampled plate's element indices: data, no factor
+            continue
         own = s.dims_of(name)
         pdims = [s.dims[p] for p in v.parents if p in s.dims]
         dims = tuple(dict.fromkeys(list(own) + pdims))
         plates = v.plates
-        target = [s.sizes[d] for d in dims] + [s.plate_sizes[p] for p in plates]
-        labels = [f"K[{d}]" for d in dims] + list(plates)
-        d = ctx.dist(v.dist(parent_inputs(v.parents, s, dims, plates)))
-        value = place(s.value(name), own, plates, dims, plates)
-        role = "model" if v.kind == "latent" else "likelihood"
-        lp = _log_prob(role, name, d, value, target, labels)
-        if v.kind == "latent":
-            lq = place(s.log_q[name], own, plates, dims, plates)
-            if folded.get(own[0]) == name:  # fold -log K into the small tensor: one pass over the grid
-                lq = lq + math.log(s.sizes[own[0]])
-            lp = lp - lq
-        out.append(Factor(name, lp, dims, plates))
+
+        def build(narrowed=(), name=name, v=v, own=own, dims=dims, plates=plates):
+            cut = dict(narrowed)
+            target = [1 if i in cut else s.sizes[d] for i, d in enumerate(dims)] + [s.plate_sizes[p] for p in plates]
+            labels = [f"K[{d}]" for d in dims] + list(plates)
+            inputs = parent_inputs(v.parents, s, dims, plates)
+            if narrowed:
+                inputs = {p: _narrow(t, narrowed) for p, t in inputs.items()}
+            d = ctx.dist(v.dist(inputs))
+            value = _narrow(place(s.value(name), own, plates, dims, plates), narrowed)
+            role = "model" if v.kind == "latent" else "likelihood"
+            lp = _log_prob(role, name, d, value, target, labels, check)
+            if v.kind == "latent":
+                lq = _narrow(place(s.log_q[name], own, plates, dims, plates), narrowed)
+                if folded.get(own[0]) == name:  # fold -log K into the small tensor: one pass over the grid
+                    lq = lq + math.log(s.sizes[own[0]])
+                lp = lp - lq
+            return lp
+
+        out.append((name, dims, tuple(plates), build))
+    return out
+
+
+def factor_graph(model: Model, samples: Samples, ctx: Context = None, scaled: bool = True) -> FactorGraph:
+    """The :class:`~tmcgraph.ops.factor.FactorGraph` of ``model`` at ``samples``.
+
+    One factor per model variable, in the model's topological order, plus a constant
+    ``-log K`` factor for a sample dim whose first owner does not live exactly at the
+    dim's ordinal (IWAE's joint dim). All tensors share one floating dtype. Subsampled
+    plates given B of their N elements get the scale N / B
+    (:func:`tmcgraph.infer.subsample.plate_scales`; ``scaled=False``: none).
+    """
+    out = [Factor(name, build(), dims, plates) for name, dims, plates, build in factor_builders(model, samples, ctx)]
     # One floating dtype for the whole contraction (e.g. float32 priors with float64 data).
     dtype = out[0].tensor.dtype
     for f in out[1:]:
         dtype = torch.promote_types(dtype, f.tensor.dtype)
     out = [f if f.tensor.dtype == dtype else f.with_tensor(f.tensor.to(dtype)) for f in out]
-    return FactorGraph(tuple(out), {d: tuple(s.ordinals[d]) for d in s.sizes})
+    return FactorGraph(tuple(out), {d: tuple(samples.ordinals[d]) for d in samples.sizes},
+                       scales=plate_scales(model, samples.plate_sizes) if scaled else {})

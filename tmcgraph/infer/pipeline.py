@@ -24,11 +24,12 @@ import torch
 from ..errors import TMCGraphError
 from ..ops.adjoint import dim_marginals
 from ..ops.contract import contract
-from ..ops.factor import FactorGraph
+from ..ops.factor import Factor, FactorGraph
 from ..ops.plan import Plan, plan_for
 from ..particles import Samples
-from .factors import factor_graph
+from .factors import factor_builders, factor_graph
 from .program import Program, structure_key
+from .subsample import plate_scales
 
 __all__ = ["Evaluation", "evaluate", "resolve_keep", "PER_BATCH"]
 
@@ -150,13 +151,16 @@ def evaluate(
     started = time.process_time()
     skeleton = Samples(**{f: getattr(samples, f) for f in samples.__dataclass_fields__})
     skeleton.log_q = dict(samples.log_q)  # keeps the deferred densities' recipes
+    if use_program and estimator.memory_limit is not None:
+        return _first_call_bounded(estimator, samples, skeleton, key, elementwise, started)
     graph = factor_graph(model, samples.materialize(), ctx)
     graph = graph.with_keep(resolve_keep(model, graph, elementwise))
     plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
     if not marginals:
         value = contract(plan, graph.tensors)
         if key is not None:
-            prog = programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile))
+            prog = programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile,
+                                                 graph.factors[0].tensor.dtype))
             prog.calls += 1
             prog.eager_seconds += time.process_time() - started
         return Evaluation(value, samples, plan, _graph=graph)
@@ -164,3 +168,47 @@ def evaluate(
     log_z, marg = dim_marginals(graph, strategy=estimator.strategy, memory_limit=estimator.memory_limit,
                                 differentiable=differentiable)
     return Evaluation(log_z, samples, plan, marg, _graph=graph)
+
+
+def _probe_graph(model, samples: Samples, ctx) -> FactorGraph:
+    """The factor graph's structure without its grids: each factor computed at one particle per sample dim.
+
+    Every factor is built (so the user's distributions are called and checked) on the
+    first particle of each of its sample dims only, then expanded (a view, no memory) to
+    its full shape; the result has the right layouts, shapes and dtypes for planning.
+    """
+    out = []
+    for name, dims, plates, build in factor_builders(model, samples, ctx):
+        t = build(tuple((i, 0) for i in range(len(dims))))
+        out.append(Factor(name, t.expand([samples.sizes[d] for d in dims] + list(t.shape[len(dims):])), dims,
+                          plates))
+    dtype = out[0].tensor.dtype
+    for f in out[1:]:
+        dtype = torch.promote_types(dtype, f.tensor.dtype)
+    out = [f if f.tensor.dtype == dtype else f.with_tensor(f.tensor.to(dtype)) for f in out]
+    return FactorGraph(tuple(out), {d: tuple(samples.ordinals[d]) for d in samples.sizes},
+                       scales=plate_scales(model, samples.plate_sizes))
+
+
+def _first_call_bounded(estimator, samples: Samples, skeleton: Samples, key, elementwise, started) -> Evaluation:
+    """A structure's first evaluation under ``memory_limit``: planned from a probe, run by its program.
+
+    No factor is built whole: the plan comes from :func:`_probe_graph`, and the program
+    builds each factor inside the (sliced) step that consumes it.
+    """
+    model, ctx = estimator.model, estimator.context()
+    probe = Samples(**{f: getattr(samples, f) for f in samples.__dataclass_fields__})
+    probe.log_q = dict(samples.log_q)
+    graph = _probe_graph(model, probe.materialize(), ctx)
+    del probe
+    graph = graph.with_keep(resolve_keep(model, graph, elementwise))
+    plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
+    prog = estimator.programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile,
+                                               graph.factors[0].tensor.dtype))
+    value = prog(samples, eager=True)
+    prog.eager_seconds += time.process_time() - started
+
+    def build(s=samples, keep=plan.keep):
+        return factor_graph(model, s, ctx).with_keep(keep)
+
+    return Evaluation(value, samples, plan, _build=build)

@@ -44,8 +44,9 @@ import torch
 
 from ..errors import TMCGraphError
 from ..ops.contract import prepare
+from ..ops.factor import Lazy
 from ..particles import Deferred, Samples
-from .factors import factor_graph
+from .factors import factor_builders
 
 __all__ = ["Program", "ProgramCache", "CompileWarning", "COMPILE_MODES", "COMPILE_SECONDS",
            "COMPILE_SECONDS_PER_FACTOR", "structure_key", "split_deferred"]
@@ -95,6 +96,18 @@ def split_deferred(samples: Samples) -> tuple:
     return static, tensors, rest
 
 
+def _cast(build, dtype):
+    """``build`` with its result in ``dtype`` (the graph's one floating dtype)."""
+    if dtype is None:
+        return build
+
+    def cast(narrowed=()):
+        t = build(narrowed)
+        return t if t.dtype == dtype else t.to(dtype)
+
+    return cast
+
+
 def _fresh(fn, name: str):
     """``fn`` with its own code object, so torch.compile keeps a separate cache for it."""
     code = fn.__code__.replace(co_name=name)
@@ -106,7 +119,10 @@ class Program:
 
     A call computes the deferred densities of the particles (see
     :class:`~tmcgraph.particles.Deferred`), builds the factors and contracts them, and
-    returns the value and the computed densities.
+    returns the value and the computed densities. Factors are
+    :class:`~tmcgraph.ops.factor.Lazy`: each is computed inside the plan step that
+    consumes it and released after, and a step sliced to meet ``memory_limit`` computes
+    its factors slice by slice, so no factor is ever held whole unless a step needs it.
 
     Args:
         model: The model.
@@ -115,9 +131,10 @@ class Program:
         plan: The contraction plan of the structure's factor graph.
         ctx: Execution context (dtype/device of distribution parameters).
         mode: ``False``, ``True`` or ``"auto"`` (see the module docstring).
+        dtype: The floating dtype of the structure's factors (``None``: as built).
     """
 
-    def __init__(self, model, skeleton: Samples, plan, ctx, mode):
+    def __init__(self, model, skeleton: Samples, plan, ctx, mode, dtype=None):
         self.plan = plan
         self.mode = mode
         self.calls = 0
@@ -131,11 +148,15 @@ class Program:
         couplings = dict(skeleton.couplings)
         deferred = split_deferred(skeleton)[0]
 
+        # The structure's first call (eager, through the pipeline) checked every shape.
+        check = False
+
         def body(values, log_q, deferred_tensors, data):
             computed = {n: fn(recipe, *deferred_tensors[n]) for n, (fn, recipe) in deferred.items()}
             s = Samples(values, dims, sizes, ordinals, {**log_q, **computed}, data, plate_sizes, plates, order,
                         couplings)
-            return prepared(factor_graph(model, s, ctx).tensors), computed
+            lazy = [Lazy(_cast(build, dtype)) for *_, build in factor_builders(model, s, ctx, check=check)]
+            return prepared(lazy), computed
 
         self.eager = _fresh(body, f"tmcgraph_program_{next(_NAMES)}")
 
@@ -153,19 +174,23 @@ class Program:
             return True
         return self.eager_seconds >= self.compile_seconds
 
-    def __call__(self, samples: Samples) -> torch.Tensor:
-        """The value at ``samples``; their deferred densities are computed and stored in ``samples``."""
+    def __call__(self, samples: Samples, eager: bool = False) -> torch.Tensor:
+        """The value at ``samples``; their deferred densities are computed and stored in ``samples``.
+
+        ``eager=True`` runs this call eagerly whatever the policy (a structure's first call).
+        """
         _, tensors, rest = split_deferred(samples)
         args = (dict(samples.values), rest, tensors, dict(samples.data))
         self.calls += 1
-        value, computed = self._run(args)
+        value, computed = self.eager(*args) if eager else self._run(args)
         samples.log_q.update(computed)
         return value
 
     def _run(self, args):
         if not self.wants_compile:
             t = time.process_time()
-            out = self.eager(*args)
+            with _validation_off():
+                out = self.eager(*args)
             self.eager_seconds += time.process_time() - t
             return out
         try:
@@ -184,11 +209,13 @@ class Program:
 
 @contextlib.contextmanager
 def _validation_off():
-    """Distribution argument validation off during a compiled call, the caller's setting restored after.
+    """Distribution argument validation off during a program's call, the caller's setting restored after.
 
-    Dynamo's one-time set-up turns ``torch.distributions`` validation off for the whole
-    process; restoring the setting keeps a compiled call from changing global state. The
-    structure's arguments were validated by the program's first (eager) call.
+    The structure's arguments and values were validated by its first call, which runs
+    through the pipeline with the caller's setting; later calls skip ``torch.distributions``'
+    per-call checks (up to a fifth of a small model's call). Dynamo's one-time set-up
+    turns validation off for the whole process; restoring the setting keeps a compiled
+    call from changing global state.
     """
     prev = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)

@@ -50,6 +50,7 @@ from ..model import Model, Proposal, check_inference_inputs
 from ..particles import check_batch_shape, place
 from ..sampling.context import Context
 from ..sampling.data import bind_data
+from .subsample import plate_scales
 
 __all__ = ["SMC", "SMCResult", "RESAMPLING", "resample_indices", "effective_sample_size"]
 
@@ -276,6 +277,9 @@ class _Run:
         self._schedule = smc._schedule
         self._ctx = ctx
         self._bound, self._sizes = bind_data(self.model, data, ctx)
+        scaled = plate_scales(self.model, self._sizes)
+        if scaled:
+            raise TMCGraphError(f"SMC does not support subsampled plates: {sorted(scaled)}")
         self._checked = set()
 
     def _layout(self, n: str, element) -> tuple:

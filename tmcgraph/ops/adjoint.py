@@ -88,7 +88,14 @@ def dim_marginals(graph: FactorGraph, dims=None, strategy="auto", memory_limit=N
             )
         grads = torch.autograd.grad(log_z.sum(), [weights[d] for d in dims], retain_graph=differentiable) \
             if dims else []
-    marg = {d: gr.detach().clamp_min(0.0) for d, gr in zip(dims, grads)}
+    # A scaled plate (exponent c) multiplies d log Z / d u_d by c for the dims local to it;
+    # the marginal is the per-element conditional, so divide the exponents back out.
+    marg = {}
+    for d, gr in zip(dims, grads):
+        c = 1.0
+        for p in graph.ordinals[d]:
+            c *= graph.scales.get(p, 1.0)
+        marg[d] = (gr.detach() / c if c != 1.0 else gr.detach()).clamp_min(0.0)
     return (log_z if differentiable else log_z.detach()), marg
 
 

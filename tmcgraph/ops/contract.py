@@ -4,6 +4,10 @@ Each step runs its compiled pairwise program (see :func:`tmcgraph.ops.backends.l
 on the step's inputs; a sliced step (memory limit) runs once per value of its sliced
 indices on views of the inputs and sums the results in log space, checkpointing each
 slice under autograd so that saved activations stay within the limit too.
+
+Inputs may be :class:`~tmcgraph.ops.factor.Lazy` factors: each is built by the pairwise
+operation that first reads it and released after its last use (in a sliced step, built
+per slice at the slice's size), so factors are never all alive at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .backends.log import compile_pair, logsumexp
+from .factor import Lazy
 from .plan import Plan
 
 __all__ = ["contract", "run_step", "prepare", "Prepared"]
@@ -58,7 +63,7 @@ class Prepared:
             raise ValueError(f"plan expects {self.plan.n_inputs} tensors, got {len(slots)}")
         for step, ops in self.steps:
             slots.append(_step(step, ops, [slots[i] for i in step.inputs]))
-        return slots[-1]
+        return slots[-1] if self.plan.keep_scale == 1.0 else slots[-1] * self.plan.keep_scale
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,11 +72,15 @@ def prepare(plan: Plan) -> Prepared:
     return Prepared(plan)
 
 
+def _read(x):
+    return x() if isinstance(x, Lazy) else x
+
+
 def _run(ops, args):
     slots = list(args)
     del args
     for a, b, op, free in ops:
-        r = op(slots[a]) if b is None else op(slots[a], slots[b])
+        r = op(_read(slots[a])) if b is None else op(_read(slots[a]), _read(slots[b]))
         for i in free:
             slots[i] = None
         slots.append(r)
@@ -79,7 +88,7 @@ def _run(ops, args):
 
 
 def _run_sliced(step, ops, args):
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    grad = torch.is_grad_enabled() and any(isinstance(t, Lazy) or t.requires_grad for t in args)
     acc = None
     for values in itertools.product(*(range(n) for _, n, _ in step.sliced)):
         part = list(args)
@@ -98,7 +107,10 @@ def _run_sliced(step, ops, args):
 
 def _step(step, ops, args) -> torch.Tensor:
     r = _run_sliced(step, ops, args) if step.sliced else _run(ops, args)
-    return r.sum(dim=step.reduce_axes) if step.reduce_axes else r
+    if not step.reduce_axes:
+        return r
+    r = r.sum(dim=step.reduce_axes)
+    return r if step.scale == 1.0 else r * step.scale
 
 
 def run_step(step, args) -> torch.Tensor:

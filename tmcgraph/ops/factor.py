@@ -23,7 +23,53 @@ import torch
 from ..errors import TMCGraphError
 from .ordinals import why_not_keep
 
-__all__ = ["Factor", "FactorGraph"]
+__all__ = ["Factor", "FactorGraph", "Lazy"]
+
+
+class Lazy:
+    """A log-factor tensor built when the contraction first reads it, and dropped after.
+
+    :func:`tmcgraph.ops.contract.contract` accepts a ``Lazy`` wherever it accepts a
+    tensor. It calls ``build(narrowed)`` inside the plan step that consumes the factor,
+    so a factor exists only while that step runs (peak memory is the largest step, not
+    the sum of all factors). A step sliced to meet a memory limit narrows its inputs
+    along the sliced sample dims; narrowing a ``Lazy`` records the slice and ``build``
+    must return the factor already restricted to it, so the factor itself is never
+    built at full size.
+
+    Args:
+        build: ``build(narrowed) -> tensor``; ``narrowed`` is a tuple of
+            ``(axis, index)``: the returned tensor has size 1 along each such axis,
+            holding entry ``index`` of the full factor.
+        narrowed: Slices recorded so far.
+
+    Example:
+        >>> import torch
+        >>> full = torch.arange(6.).reshape(2, 3)
+        >>> def build(narrowed):
+        ...     t = full
+        ...     for ax, i in narrowed:
+        ...         t = t.narrow(ax, i, 1)
+        ...     return t
+        >>> Lazy(build).narrow(1, 2, 1)()
+        tensor([[2.],
+                [5.]])
+    """
+
+    __slots__ = ("build", "narrowed")
+
+    def __init__(self, build, narrowed: tuple = ()):
+        self.build = build
+        self.narrowed = narrowed
+
+    def narrow(self, axis: int, start: int, length: int) -> "Lazy":
+        """The factor restricted to entry ``start`` of ``axis`` (``length`` must be 1)."""
+        if length != 1:
+            raise ValueError(f"Lazy factors narrow to one entry at a time, got length {length}")
+        return Lazy(self.build, self.narrowed + ((axis, start),))
+
+    def __call__(self) -> torch.Tensor:
+        return self.build(self.narrowed)
 
 
 @dataclass(frozen=True)
@@ -62,11 +108,15 @@ class FactorGraph:
         factors: The :class:`Factor` tuple.
         ordinals: Sample dim -> plates it is local to (every dim a factor uses must appear).
         keep: A plate left un-multiplied (per-element results), or ``None``.
+        scales: Plate -> exponent ``c``: the product over that plate's elements becomes
+            ``prod_e m_e^c`` (``c * sum_e log m_e`` for the log-messages ``m_e`` of its
+            elements): subsampled plates, ``c = N / B``. Empty: no scaling.
     """
 
     factors: tuple
     ordinals: dict = field(default_factory=dict)
     keep: Optional[str] = None
+    scales: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "factors", tuple(self.factors))
@@ -76,6 +126,10 @@ class FactorGraph:
         if missing:
             raise TMCGraphError(f"no ordinal (plates it is local to) for sample dim(s) {missing}")
         self.sizes  # noqa: B018 - checks sizes agree
+        for plate, c in self.scales.items():
+            if not (isinstance(c, (int, float)) and c > 0):
+                raise TMCGraphError(f"scale of plate {plate!r} must be a positive number, got {c!r}")
+        object.__setattr__(self, "scales", {p: float(c) for p, c in self.scales.items() if c != 1})
         if self.keep is not None:
             why = self.why_not_keep(self.keep)
             if why:
@@ -113,7 +167,7 @@ class FactorGraph:
         """A hashable key of everything planning depends on (layouts, shapes, ordinals, keep)."""
         fs = tuple((f.sample_dims, f.plates, tuple(f.tensor.shape)) for f in self.factors)
         ords = tuple(sorted((d, tuple(self.ordinals[d])) for d in self.sample_dims))
-        return fs, ords, self.keep
+        return fs, ords, self.keep, tuple(sorted(self.scales.items()))
 
     def why_not_keep(self, plate: str) -> Optional[str]:
         """Why ``plate`` cannot be kept per element, or ``None`` when it can."""
@@ -122,14 +176,15 @@ class FactorGraph:
 
     def with_keep(self, keep: Optional[str]) -> "FactorGraph":
         """The same graph with another kept plate (checked)."""
-        return FactorGraph(self.factors, self.ordinals, keep)
+        return FactorGraph(self.factors, self.ordinals, keep, self.scales)
 
     def with_tensors(self, tensors) -> "FactorGraph":
         """The same graph on other tensors of the same layouts (e.g. scaled, masked)."""
         tensors = list(tensors)
         if len(tensors) != len(self.factors):
             raise TMCGraphError(f"factor graph has {len(self.factors)} factors, got {len(tensors)} tensors")
-        return FactorGraph(tuple(f.with_tensor(t) for f, t in zip(self.factors, tensors)), self.ordinals, self.keep)
+        return FactorGraph(tuple(f.with_tensor(t) for f, t in zip(self.factors, tensors)), self.ordinals, self.keep,
+                           self.scales)
 
     def detach(self) -> "FactorGraph":
         """The same graph with detached tensors."""
@@ -137,7 +192,8 @@ class FactorGraph:
 
     def extend(self, factors, ordinals: Optional[dict] = None) -> "FactorGraph":
         """The graph with more factors (and ordinals for new sample dims)."""
-        return FactorGraph(self.factors + tuple(factors), {**self.ordinals, **(ordinals or {})}, self.keep)
+        return FactorGraph(self.factors + tuple(factors), {**self.ordinals, **(ordinals or {})}, self.keep,
+                           self.scales)
 
     def __str__(self) -> str:
         lines = [f"FactorGraph: {len(self.factors)} factor(s), keep={self.keep!r}"]

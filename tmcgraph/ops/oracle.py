@@ -34,6 +34,9 @@ def brute_force(graph, ordinals=None, keep=None) -> torch.Tensor:
         A scalar (or a vector over ``keep``), differentiable w.r.t. the factor tensors.
     """
     if ordinals is None and keep is None and hasattr(graph, "factors"):
+        if graph.scales:
+            raise ValueError(f"brute_force does not enumerate scaled plates {sorted(graph.scales)}: "
+                             "compare a graph with the plates' elements repeated instead")
         return _brute_force(graph.factors, graph.ordinals, graph.keep)
     if ordinals is None:
         raise TypeError("brute_force needs a FactorGraph, or factors and their ordinals")

@@ -60,6 +60,8 @@ class Step:
         sliced: ``(name, size, axes)`` per sliced index; ``axes[i]`` is its axis in input
             ``i`` (or ``None``).
         largest: Largest tensor (elements) the step allocates or reads per slice.
+        scale: Exponent of the product over the reduced plates (the product of their
+            scales; 1 without subsampled plates).
     """
 
     ordinal: tuple
@@ -73,6 +75,7 @@ class Step:
     program: tuple = ()
     sliced: tuple = ()
     largest: int = 0
+    scale: float = 1.0
 
     @property
     def n_slices(self) -> int:
@@ -90,6 +93,8 @@ class Plan:
         keep: Plate left un-multiplied (per-element results), or ``None``.
         strategy: The path strategy used.
         memory_limit: The memory limit (elements) the plan respects, or ``None``.
+        keep_scale: The scale of the kept plate (its per-element values are multiplied
+            by it), 1 when it has none.
     """
 
     steps: tuple
@@ -97,6 +102,7 @@ class Plan:
     keep: object
     strategy: str
     memory_limit: object = field(default=None)
+    keep_scale: float = 1.0
 
     @property
     def cost(self) -> int:
@@ -143,11 +149,11 @@ def plan_for(graph: FactorGraph, strategy="auto", memory_limit=None) -> Plan:
         TMCGraphError: unknown strategy, bad limit, non-nested plates, a kept plate some
             factor or sample dim lies outside, or a memory limit that no slicing can meet.
     """
-    factors, ordinals, keep = graph.structure()
-    return make_plan(factors, ordinals, keep, strategy, memory_limit)
+    factors, ordinals, keep, scales = graph.structure()
+    return make_plan(factors, ordinals, keep, strategy, memory_limit, scales)
 
 
-def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", memory_limit=None) -> Plan:
+def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", memory_limit=None, scales=()) -> Plan:
     """Plan a plated log-space contraction from its structure alone (no tensors).
 
     Args:
@@ -156,6 +162,7 @@ def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", mem
         keep: A plate to keep in the result (per-element values), or ``None``.
         strategy: A name from :data:`STRATEGIES` or an opt_einsum ``PathOptimizer``.
         memory_limit: Largest tensor (elements), or ``None``.
+        scales: ``(plate, exponent)`` pairs (see :class:`~tmcgraph.ops.factor.FactorGraph`).
 
     Returns:
         The :class:`Plan` (cached).
@@ -164,7 +171,8 @@ def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", mem
     if memory_limit is not None and (isinstance(memory_limit, bool) or int(memory_limit) != memory_limit
                                      or memory_limit < 1):
         raise TMCGraphError(f"memory_limit must be a positive number of elements or None, got {memory_limit!r}")
-    return _cached_plan(structure, ordinals, keep, strategy, None if memory_limit is None else int(memory_limit))
+    return _cached_plan(structure, ordinals, keep, strategy, None if memory_limit is None else int(memory_limit),
+                        tuple(sorted(dict(scales).items())))
 
 
 def plan_cache_info():
@@ -215,7 +223,7 @@ def _sizes(structure) -> tuple:
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
+def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=()) -> Plan:
     """Make the plan of one structure (see :func:`make_plan`); memoised, bounded.
 
     Builds the ordinal tree, then one :class:`Step` per non-empty ordinal, leaves first:
@@ -224,16 +232,28 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
     """
     _STATS["searches"] += 1
     ordinals = dict(ordinals)
+    scales = dict(scales)
+
+    def scale_of(plates):
+        return math.prod(scales.get(p, 1.0) for p in plates)
     optimizer = get_optimizer(strategy)
     sizes, plate_order = _sizes(structure)
     if keep is not None:
         why = why_not_keep([(i, pl) for i, (_, pl, _) in enumerate(structure)], ordinals, keep)
         if why:
             raise TMCGraphError(f"cannot keep plate {keep!r} per element: {why}")
-    tree, parent = ordinal_tree([pl for _, pl, _ in structure], ordinals, keep)
-
     def ordinal(plates):
         return frozenset(p for p in plates if p != keep)
+
+    # A factor's plates that none of its sample dims is local to can be multiplied out
+    # at once (its value does not depend on their elements' indices): the factor then
+    # lives at the plates its dims are local to. This is what makes crossed plates
+    # contractable when one side's latents share a sample dim across their plate.
+    lives = []
+    for dims, plates, _ in structure:
+        local = set().union(*(ordinals[d] for d in dims)) if dims else set()
+        lives.append(tuple(p for p in plates if p in local or p == keep))
+    tree, parent = ordinal_tree(lives, ordinals, keep)
 
     symbols = {name: oe.get_symbol(i) for i, name in enumerate(sizes)}
     sym_sizes = {symbols[k]: v for k, v in sizes.items()}
@@ -243,10 +263,30 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
         return "".join(symbols[x] for x in dims + plates)
 
     pending = {S: [] for S in tree}  # ordinal -> [(slot, dims, plates)]
-    for i, (dims, plates, _) in enumerate(structure):
-        pending[ordinal(plates)].append((i, dims, plates))
     steps = []
     slot = len(structure)
+    for i, (dims, plates, _) in enumerate(structure):
+        if lives[i] == tuple(plates) or ordinal(lives[i]) == ordinal(plates):
+            pending[ordinal(plates)].append((i, dims, plates))
+            continue
+        # A pre-step: multiply out the plates the factor's dims are not local to.
+        t_in = term(dims, plates)
+        out_plates = tuple(p for p in plate_order if p in lives[i])
+        kept_plates = tuple(p for p in plate_order if p in plates)
+        t_out = term(dims, kept_plates)
+        shape = tuple(sizes[x] for x in dims + plates)
+        if memory_limit is not None and math.prod(shape) > memory_limit:
+            raise TMCGraphError(
+                f"memory_limit={memory_limit} elements cannot be met: an input factor over {list(dims + plates)} "
+                f"has {math.prod(shape)} elements and no summed index to slice; raise the limit"
+            )
+        _, info = oe.contract_path(f"{t_in}->{t_out}", shape, shapes=True)
+        reduced = tuple(p for p in kept_plates if p not in out_plates)
+        steps.append(Step(tuple(sorted(ordinal(plates))), (i,), f"{t_in}->{t_out}", info,
+                          tuple(len(dims) + kept_plates.index(p) for p in reduced), reduced, tuple(dims), out_plates,
+                          _program([], [t_in], t_out, sym_sizes), (), int(math.prod(shape)), scale_of(reduced)))
+        pending[ordinal(out_plates)].append((slot, tuple(dims), out_plates))
+        slot += 1
     for S in sorted(tree, key=lambda T: (-len(T), sorted(T))):
         items = pending[S]
         if not items:
@@ -275,9 +315,9 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit) -> Plan:
         reduce_axes = tuple(len(out_dims) + kept_plates.index(p) for p in reduced)
         steps.append(
             Step(tuple(sorted(S)), tuple(i for i, _, _ in items), eq, info, reduce_axes, reduced, out_dims,
-                 out_plates, program, sl, int(largest))
+                 out_plates, program, sl, int(largest), scale_of(reduced))
         )
         if P is not None:
             pending[P].append((slot, out_dims, out_plates))
         slot += 1
-    return Plan(tuple(steps), len(structure), keep, strategy, memory_limit)
+    return Plan(tuple(steps), len(structure), keep, strategy, memory_limit, scales.get(keep, 1.0))

@@ -43,6 +43,7 @@ instance; :data:`DEFAULT` is used when a declaration names none.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,7 +62,9 @@ __all__ = [
     "Mixture",
     "Permutation",
     "Enumerated",
+    "STATIC_SUPPORT",
     "Joint",
+    "Across",
     "COUPLINGS",
     "DEFAULT",
     "get_coupling",
@@ -289,12 +292,40 @@ class Permutation(Mixture):
         return site.ctx.permutations(K_parent, site.K, site.pshape, device)
 
 
+#: Families whose enumerable support depends only on their parameters' shapes.
+STATIC_SUPPORT = (torch.distributions.Bernoulli, torch.distributions.Categorical,
+                  torch.distributions.OneHotCategorical)
+
+#: Proposal -> {(declaration versions, latent, plate sizes, device, dtype): (particles, log q)}.
+_SUPPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class Enumerated(Coupling):
-    """The particles are the support of the model's distribution; log q = -log |support|."""
+    """The particles are the support of the model's distribution; log q = -log |support|.
+
+    For the families in :data:`STATIC_SUPPORT` the support depends on nothing but shapes,
+    so it is computed once per declaration version, latent and plate sizes (at the
+    first call, which also checks the distribution) and reused: later calls do not
+    evaluate the latent's distribution to draw it.
+    """
 
     name = "enumerate"
 
     def sample(self, site: Site) -> tuple:
+        m = site.proposal.model
+        key = (site.proposal._version, m._version, site.name, tuple(site.pshape), site.ctx.device, site.ctx.dtype,
+               torch.get_default_dtype())
+        cache = _SUPPORTS.get(site.proposal)
+        if cache is not None and key in cache:
+            return cache[key]
+        z, lq, static = self._enumerate(site)
+        if static:
+            if cache is None or next(iter(cache))[:2] != key[:2]:
+                cache = _SUPPORTS[site.proposal] = {}  # a new declaration version drops the old entries
+            cache[key] = z, lq
+        return z, lq
+
+    def _enumerate(self, site: Site) -> tuple:
         s = site.samples
         pdims = tuple(dict.fromkeys(s.dims[p] for p in site.var.parents if p in s.dims))
         d = site.ctx.dist(site.var.dist(parent_inputs(site.var.parents, s, pdims, site.plates)))
@@ -308,7 +339,8 @@ class Enumerated(Coupling):
         sup = site.ctx.to(sup.reshape(n, *ev))
         z = sup.reshape(n, *([1] * len(site.plates)), *ev).expand(n, *site.pshape, *ev)
         dtype = site.ctx.dtype or (sup.dtype if sup.is_floating_point() else torch.get_default_dtype())
-        return z, torch.full((n, *site.pshape), -math.log(n), dtype=dtype, device=sup.device)
+        lq = torch.full((n, *site.pshape), -math.log(n), dtype=dtype, device=sup.device)
+        return z, lq, type(d) in STATIC_SUPPORT and not sup.requires_grad
 
     def log_density(self, site: Site, z: torch.Tensor) -> torch.Tensor:
         return site.samples.log_q[site.name]
@@ -343,6 +375,38 @@ class Joint(Paired):
 
     def __repr__(self):
         return f"Joint(dim={self.dim_name!r})"
+
+
+class Across(Paired):
+    """Latents of a joint plate (``q.joint(plate)``): one sample dim shared across the plate's elements.
+
+    Particle ``k`` of every sampled latent in ``plate`` is a draw of the latent's whole
+    vector over the plate, paired along the shared dim with the other latents of the
+    plate, so the dim is local to the latent's plates *except* ``plate``; its density is
+    the product over the plate's elements (the factors multiply out the plate before
+    the dim is summed). This is what makes crossed plates contractable.
+
+    Args:
+        plate: The joint plate.
+    """
+
+    name = "across"
+
+    def __init__(self, plate: str):
+        self.plate = plate
+
+    def dim(self, site: Site) -> tuple:
+        return f"_across_{self.plate}", tuple(p for p in site.plates if p != self.plate)
+
+    def num_particles(self, var: Variable, K: int) -> int:
+        if var.K is not None and var.K != K:
+            raise TMCGraphError(
+                f"the latents of joint plate {self.plate!r} share one sample dim of size K={K}; proposal for "
+                f"{var.name!r} sets K={var.K}")
+        return int(K)
+
+    def __repr__(self):
+        return f"Across({self.plate!r})"
 
 
 #: Couplings users may name in a declaration.

@@ -18,7 +18,7 @@ from ..errors import TMCGraphError
 from ..model import Model, Proposal
 from ..particles import Samples
 from .context import Context
-from .couplings import Coupling, Enumerated, Site, get_coupling
+from .couplings import Across, Coupling, Enumerated, Site, get_coupling
 from .data import bind_data
 
 __all__ = ["draw", "proposal_log_q", "couplings_of"]
@@ -31,16 +31,19 @@ def couplings_of(proposal: Proposal, override: Optional[Coupling] = None) -> dic
 
     Cached on the proposal until its next declaration.
     """
-    key = (proposal._version, override)
+    key = (proposal._version, proposal.model._version, override)
     cached = getattr(proposal, "_couplings", None)
     if cached is not None and cached[0] == key:
         return cached[1]
+    joints = proposal.joint_plates if override is None else ()
     out = {}
     for name, v in proposal.variables.items():
         if v.enumerate:
             out[name] = _ENUMERATED
         elif override is not None:
             out[name] = override
+        elif any(p in joints for p in v.plates):
+            out[name] = Across(next(p for p in joints if p in v.plates))
         else:
             out[name] = get_coupling(v.coupling, name)
     object.__setattr__(proposal, "_couplings", (key, out))
