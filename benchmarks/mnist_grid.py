@@ -1,0 +1,587 @@
+"""The TMC paper's MNIST grid (Fig. 5, Fig. 6) and the reproduction's Table 1, as one resumable driver.
+
+Runs every combination of recognition model (``factorised``, ``small``, ``large``),
+gradient estimator (``reparam``, ``stl``, ``dregs``), training objective (``tmc``,
+``iwae``) and seed on the five-layer MNIST VAE of ``tmcgraph.models.mnist_vae``. Each run
+keeps its own folder under ``--runs`` (``checkpoint.pt``: weights, optimiser, generator
+states, configuration and metrics, written atomically after every epoch), so an
+interrupted grid continues where it stopped, a finished run is skipped, and a run whose
+folder was made with another configuration is refused (the error names the setting).
+Runs advance one epoch at a time in turn (A B C A B C ...), so their epoch times are
+measured under the same machine load.
+
+Every ``--eval-every`` epochs (and at the last epoch) each model is evaluated on the test
+set (all 10000 images, or ``--limit-test``) under both bounds, TMC and IWAE with
+``--eval-K`` particles / samples (nats per image). Outputs (``--out``, default
+``benchmarks/results``):
+
+* ``mnist_grid.png``: Fig. 5 in the paper's layout: one column per recognition model
+  (factorised, small, large), rows A: every run under the TMC bound (IWAE-trained blue,
+  TMC-trained red; line style = gradient estimator), B: IWAE-trained models under the
+  IWAE (blue) and TMC (red) bounds, C: TMC-trained models under both bounds. Curves are
+  means over seeds; each panel's y-window is chosen from the data (the values of the
+  second half of training, padded), so sub-nat differences are visible;
+* ``mnist_grid_fig6.png``: Fig. 6, CPU seconds per training epoch of each method
+  (objective x estimator), averaged over the recognition models that were run, and the
+  TMC / IWAE ratio per recognition model;
+* ``mnist_grid.json``: the setting, every run's metrics, Table 1 (mean +- sd of the test
+  bounds over the last ``--last`` evaluated epochs, pooled over seeds, and the sd of the
+  per-seed means), Fig. 6's numbers and the y-windows.
+
+The paper's protocol (Aitchison, section 4; details from the reproduction, Table 1): full
+MNIST (60000 training, 10000 test images, grey levels as Bernoulli targets), batch 128,
+K = 20 particles per latent (TMC) or joint samples (IWAE), Adam with PyTorch's defaults
+(lr 1e-3; the reproduction used eps 1e-4), weight normalisation, 1200 epochs, test bounds
+at K = 20; Table 1 averages the last 50 epochs over 3 runs (TMC small -91.63 +- 0.16,
+IWAE small -93.35 +- 0.12 nats). On a GPU an epoch took 11 s (IWAE) and 14 s (TMC).
+
+CPU-sized protocol (the part of Fig. 5A / Table 1 that a 2-core CPU can run): full 60k
+training set, batch 128, K = 20, small recognition model, TMC and IWAE with reparameterised
+gradients, 3 seeds, 50 epochs, test bounds every 5 epochs on the full test set, Table 1
+over the last 5 evaluations (epochs 30-50)::
+
+    python benchmarks/mnist_grid.py --data ../shared/data/mnist --recognition small --grads reparam \\
+        --objectives tmc,iwae --seeds 3 --epochs 50 --eval-every 5 --last 5 --runs runs/mnist_grid
+
+CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs).
+``--quick`` runs the whole grid (3 x 3 x 2 runs) for one epoch on 128 synthetic images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Optional
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if another copy is installed
+
+import torch  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser,
+    command_line,
+    machine_info,
+    output_paths,
+    pyplot,
+    save_figure,
+    set_threads,
+    write_json,
+)
+
+import tmcgraph as tg  # noqa: E402
+from tmcgraph.infer.objectives import GRADS, bound, objective  # noqa: E402
+
+NAME = "mnist_grid"
+RECOGNITION = ("factorised", "small", "large")
+OBJECTIVES = ("tmc", "iwae")
+#: The paper's gradient estimators (names of ``tmcgraph.infer.objectives.GRADS``).
+GRAD_NAMES = ("reparam", "stl", "dregs")
+#: Checkpoints larger than this are refused (bounded reads).
+MAX_CHECKPOINT_BYTES = 1 << 30
+#: Settings that must agree for a run folder to be continued.
+CONFIG_KEYS = ("recognition", "grad", "objective", "seed", "K", "eval_K", "batch_size", "lr", "adam_eps",
+               "coupling", "train_images", "test_images", "eval_every", "data")
+FULL_TRAIN = 60000
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path: pathlib.Path, state: dict) -> None:
+    """``torch.save`` plain data (state_dicts, tensors, numbers, strings) to ``path`` atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: pathlib.Path, config: dict, keys=None) -> Optional[dict]:
+    """The checkpoint at ``path`` (``None`` if absent), refused unless its configuration equals ``config``.
+
+    Loaded with ``weights_only=True`` after checking the file size.
+
+    Raises:
+        tg.TMCGraphError: an oversized or unreadable file, or a different configuration
+            (the message names every setting that differs).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise tg.TMCGraphError(f"{path}: {size} bytes, more than a checkpoint of this driver can be "
+                               f"({MAX_CHECKPOINT_BYTES}); delete it or choose another --runs folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise tg.TMCGraphError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it "
+                               "or choose another --runs folder") from e
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    keys = list(config) if keys is None else list(keys)
+    diff = [k for k in keys if saved.get(k) != config.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {config.get(k)!r}" for k in diff)
+        raise tg.TMCGraphError(f"{path} was made with a different configuration ({shown}); "
+                               "choose another --runs folder or the same settings")
+    return state
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def synthetic_mnist(n_train: int, n_test: int, seed: int = 0) -> tuple:
+    """Tiny stand-in for MNIST: blurred horizontal and vertical strokes, grey levels ``[N, 784]``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def images(n):
+        a = torch.zeros(n, 28, 28)
+        rows = torch.randint(4, 24, (n,), generator=g)
+        cols = torch.randint(4, 24, (n,), generator=g)
+        level = torch.rand(n, generator=g) * 0.7 + 0.3
+        for i in range(n):
+            a[i, rows[i] - 2: rows[i] + 2, 4:24] = 1.0
+            a[i, 4:24, cols[i]] = level[i]
+        return a.reshape(n, 784)
+
+    return images(n_train), images(n_test)
+
+
+def load_data(a) -> tuple:
+    """``(train_x, test_x, source)``: grey levels in [0, 1], ``[N, 784]``."""
+    if a.data is None and (a.quick or a.synthetic):
+        n_train, n_test = a.limit_train or 128, a.limit_test or 64
+        tr, te = synthetic_mnist(n_train, n_test)
+        return tr, te, "synthetic"
+    from tmcgraph.data import mnist as mnist_data
+
+    kwargs = {"download": False} if "download" in inspect.signature(mnist_data.load_mnist).parameters else {}
+    data = mnist_data.load_mnist(a.data, **kwargs)
+    return data.train_x[: a.limit_train], data.test_x[: a.limit_test], "mnist"
+
+
+# ------------------------------------------------------------------------------------ one run
+
+
+def build_model(recognition: str, coupling, seed: int):
+    """The five-layer model and recognition model, initialised from ``seed``.
+
+    ``mnist_vae.build`` draws its initial weights from torch's global generator; it runs
+    inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's global random
+    state is the same afterwards.
+    """
+    from tmcgraph.models import mnist_vae
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return mnist_vae.build(recognition, coupling)
+
+
+class Run:
+    """One training run of the grid: model, optimiser, private generators, metrics, checkpoint."""
+
+    def __init__(self, config: dict, folder: pathlib.Path):
+        self.config = config
+        self.folder = pathlib.Path(folder)
+        self.path = self.folder / "checkpoint.pt"
+        self.model, self.proposal = build_model(config["recognition"], config["coupling"], config["seed"])
+        cls = tg.TMC if config["objective"] == "tmc" else tg.IWAE
+        self.est = cls(self.model, self.proposal, K=config["K"], compile=False)
+        params = list(self.model.parameters()) + list(self.proposal.parameters())
+        self.opt = torch.optim.Adam(params, lr=config["lr"], eps=config["adam_eps"])
+        self.shuffle = torch.Generator().manual_seed(config["seed"] + 1)
+        self.particles = torch.Generator().manual_seed(config["seed"] + 2)
+        self.epoch, self.metrics = 0, []
+        state = load_checkpoint(self.path, config, CONFIG_KEYS)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.proposal.load_state_dict(state["proposal"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.shuffle.set_state(state["shuffle_rng"])
+            self.particles.set_state(state["particle_rng"])
+            self.epoch, self.metrics = int(state["epoch"]), list(state["metrics"])
+
+    @property
+    def key(self) -> str:
+        c = self.config
+        return f"{c['recognition']}-{c['grad']}-{c['objective']}-seed{c['seed']}"
+
+    def save(self) -> None:
+        save_checkpoint(self.path, {
+            "config": self.config, "epoch": self.epoch, "metrics": self.metrics,
+            "model": self.model.state_dict(), "proposal": self.proposal.state_dict(),
+            "optimizer": self.opt.state_dict(), "shuffle_rng": self.shuffle.get_state(),
+            "particle_rng": self.particles.get_state(),
+        })
+
+    def train_epoch(self, train_x: torch.Tensor) -> dict:
+        """One epoch of minibatch Adam steps; returns its record (objective, CPU and wall seconds, steps)."""
+        from tmcgraph.data.mnist import batches
+
+        c = self.config
+        self.model.train()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        idx = batches(len(train_x), c["batch_size"], shuffle=True, generator=self.shuffle)
+        total, n = 0.0, 0
+        for step, ib in enumerate(idx):
+            o = objective(self.est, {"x": train_x[ib]}, c["grad"], seed=self.particles)
+            if not torch.isfinite(o.loss):
+                raise tg.TMCGraphError(f"run {self.key}: non-finite training objective at epoch {self.epoch + 1}, "
+                                       f"step {step}; the last checkpoint is kept")
+            self.opt.zero_grad(set_to_none=True)
+            o.backward()
+            self.opt.step()
+            total += o.mean * len(ib)
+            n += len(ib)
+        self.epoch += 1
+        return {"epoch": self.epoch, "train_objective": total / n, "train_cpu_s": time.process_time() - cpu0,
+                "train_wall_s": time.perf_counter() - wall0, "steps": len(idx)}
+
+    @torch.no_grad()
+    def evaluate(self, test_x: torch.Tensor, batch_size: int = 500) -> dict:
+        """Test TMC and IWAE bounds at ``eval_K`` (nats per image; seeds fixed per epoch and batch)."""
+        out, cpu0 = {}, time.process_time()
+        for name, cls in (("tmc", tg.TMC), ("iwae", tg.IWAE)):
+            est = cls(self.model, self.proposal, K=self.config["eval_K"], compile=False)
+            s = 0.0
+            for i, xb in enumerate(test_x.split(batch_size)):
+                s += float(bound(est, {"x": xb}, seed=1_000_003 * self.epoch + i).sum())
+            out[f"test_{name}"] = s / len(test_x)
+        out["eval_cpu_s"] = time.process_time() - cpu0
+        return out
+
+
+# ------------------------------------------------------------------------------------ summaries
+
+
+def _groups(runs: list) -> dict:
+    g = {}
+    for r in runs:
+        c = r["config"]
+        g.setdefault((c["recognition"], c["grad"], c["objective"]), []).append(r)
+    return g
+
+
+def curves(runs: list) -> dict:
+    """``"rec/grad/obj"`` -> epochs evaluated in every seed, mean test bounds over seeds."""
+    out = {}
+    for (rec, grad, obj), rs in _groups(runs).items():
+        evals = [{m["epoch"]: m for m in r["metrics"] if "test_tmc" in m} for r in rs]
+        common = sorted(set.intersection(*(set(e) for e in evals))) if evals else []
+        out[f"{rec}/{grad}/{obj}"] = {
+            "epochs": common, "seeds": len(rs),
+            **{b: [statistics.fmean(e[ep][f"test_{b}"] for e in evals) for ep in common] for b in ("tmc", "iwae")},
+        }
+    return out
+
+
+def table1(runs: list, last: int) -> dict:
+    """Mean +- sd of each test bound over the last ``last`` evaluated epochs of every seed."""
+    out = {}
+    for (rec, grad, obj), rs in _groups(runs).items():
+        row = {"recognition": rec, "grad": grad, "objective": obj, "seeds": len(rs)}
+        for b in ("tmc", "iwae"):
+            per_seed = [[m[f"test_{b}"] for m in r["metrics"] if f"test_{b}" in m][-last:] for r in rs]
+            pooled = [v for s in per_seed for v in s]
+            if not pooled:
+                continue
+            means = [statistics.fmean(s) for s in per_seed if s]
+            row[f"{b}_bound"] = {
+                "mean": statistics.fmean(pooled), "sd_pooled": statistics.stdev(pooled) if len(pooled) > 1 else 0.0,
+                "sd_over_seed_means": statistics.stdev(means) if len(means) > 1 else 0.0,
+                "evaluations_per_seed": min(len(s) for s in per_seed),
+                "epochs": sorted({m["epoch"] for r in rs for m in r["metrics"] if f"test_{b}" in m})[-last:],
+            }
+        out[f"{rec}/{grad}/{obj}"] = row
+    return out
+
+
+def fig6(runs: list) -> dict:
+    """Seconds per training epoch per method (median over measured epochs and seeds), averaged over models."""
+    per = {}
+    for (rec, grad, obj), rs in _groups(runs).items():
+        cpu = [m["train_cpu_s"] for r in rs for m in r["metrics"] if "train_cpu_s" in m]
+        steps = [m["steps"] for r in rs for m in r["metrics"] if "steps" in m]
+        if not cpu:
+            continue
+        bs = rs[0]["config"]["batch_size"]
+        med = statistics.median(cpu)
+        per_step = med / statistics.median(steps)
+        per[(rec, grad, obj)] = {"cpu_s_per_epoch": med, "cpu_s_per_step": per_step,
+                                 "cpu_s_per_full_epoch": per_step * math.ceil(FULL_TRAIN / bs),
+                                 "epochs_measured": len(cpu)}
+    methods = {}
+    for grad in GRAD_NAMES:
+        for obj in OBJECTIVES:
+            vals = [v for (r, g, o), v in per.items() if g == grad and o == obj]
+            if vals:
+                methods[f"{obj}/{grad}"] = {
+                    "recognition_models": [r for (r, g, o) in per if g == grad and o == obj],
+                    **{k: statistics.fmean(v[k] for v in vals) for k in
+                       ("cpu_s_per_epoch", "cpu_s_per_step", "cpu_s_per_full_epoch")},
+                }
+    ratios = {}
+    for (rec, grad, obj), v in per.items():
+        if obj == "tmc" and (rec, grad, "iwae") in per:
+            ratios[f"{rec}/{grad}"] = v["cpu_s_per_step"] / per[(rec, grad, "iwae")]["cpu_s_per_step"]
+    return {"per_run_group": {f"{r}/{g}/{o}": v for (r, g, o), v in per.items()}, "methods": methods,
+            "tmc_over_iwae": ratios,
+            "note": "CPU seconds of this process (time.process_time) per epoch on the training set used; "
+                    "cpu_s_per_full_epoch = seconds per step x ceil(60000 / batch size), an extrapolation "
+                    "when fewer training images were used"}
+
+
+# ------------------------------------------------------------------------------------ figures
+
+STYLES = {"reparam": "-", "stl": "--", "dregs": ":"}
+COLOR = {"iwae": "tab:blue", "tmc": "tab:red"}
+
+
+def y_window(values: list, pad_frac: float = 0.25, min_pad: float = 0.1) -> Optional[tuple]:
+    """``(lo, hi)`` around ``values`` padded by ``pad_frac`` of their span (at least ``min_pad`` nats)."""
+    vs = [v for v in values if math.isfinite(v)]
+    if not vs:
+        return None
+    lo, hi = min(vs), max(vs)
+    pad = max(pad_frac * (hi - lo), min_pad)
+    return lo - pad, hi + pad
+
+
+def plot_fig5(cv: dict, path, title: str) -> dict:
+    """Fig. 5 in the paper's layout; returns the y-window of every panel."""
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10), squeeze=False)
+    rows = [
+        ("A: TMC bound of every run", lambda obj: [(obj, "tmc")]),
+        ("B: IWAE-trained, both bounds", lambda obj: [("iwae", b) for b in ("iwae", "tmc")] if obj == "iwae" else []),
+        ("C: TMC-trained, both bounds", lambda obj: [("tmc", b) for b in ("iwae", "tmc")] if obj == "tmc" else []),
+    ]
+    windows = {}
+    for j, rec in enumerate(RECOGNITION):
+        for i, (rtitle, pick) in enumerate(rows):
+            ax = axes[i][j]
+            window_vals, drawn = [], 0
+            for grad in GRAD_NAMES:
+                for obj in OBJECTIVES:
+                    c = cv.get(f"{rec}/{grad}/{obj}")
+                    if not c or not c["epochs"]:
+                        continue
+                    half = max(c["epochs"]) / 2
+                    for o, b in pick(obj):
+                        ys = c[b]
+                        if i == 0:
+                            label = f"{o.upper()}-trained, {grad}"
+                            color = COLOR[o]
+                        else:
+                            label = f"{b.upper()} bound, {grad}"
+                            color = COLOR[b]
+                        ax.plot(c["epochs"], ys, STYLES[grad], color=color, marker="o", ms=3, label=label)
+                        window_vals += [y for e, y in zip(c["epochs"], ys) if e > half]
+                        drawn += 1
+            if i == 0:
+                notes = []
+                for grad in GRAD_NAMES:
+                    ct, ci = cv.get(f"{rec}/{grad}/tmc"), cv.get(f"{rec}/{grad}/iwae")
+                    if ct and ci and ct["epochs"] and ci["epochs"] and ct["epochs"][-1] == ci["epochs"][-1]:
+                        notes.append(f"{grad}, epoch {ct['epochs'][-1]}: {ct['tmc'][-1] - ci['tmc'][-1]:+.2f}")
+                if notes:
+                    ax.text(0.02, 0.02, "TMC bound, TMC- minus IWAE-trained:\n" + "\n".join(notes),
+                            transform=ax.transAxes, fontsize=7, va="bottom")
+            if not drawn:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                w = y_window(window_vals)
+                if w:
+                    ax.set_ylim(*w)
+                    windows[f"{rec}/{rtitle[0]}"] = list(w)
+                ax.legend(fontsize=7)
+                ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"{rec} recognition model\n{rtitle}", fontsize=9)
+            else:
+                ax.set_title(rtitle, fontsize=9)
+            if i == 2:
+                ax.set_xlabel("epoch")
+            if j == 0:
+                ax.set_ylabel("test bound (nats per image)")
+    fig.suptitle(title + "\n(means over seeds; y-window from the second half of training)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return windows
+
+
+def plot_fig6(f6: dict, path, title: str) -> None:
+    plt = pyplot()
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(f6["methods"])
+    if names:
+        vals = [f6["methods"][n]["cpu_s_per_full_epoch"] for n in names]
+        a0.bar(range(len(names)), vals, color=[COLOR[n.split("/")[0]] for n in names])
+        a0.set_xticks(range(len(names)))
+        a0.set_xticklabels([n.replace("/", "\n") for n in names], fontsize=8)
+        for k, v in enumerate(vals):
+            a0.text(k, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    a0.set_ylabel("CPU s per 60k-image epoch\n(s per step x steps; mean over recognition models)")
+    a0.set_title("Fig. 6: time per training epoch", fontsize=9)
+    rs = f6["tmc_over_iwae"]
+    if rs:
+        a1.bar(range(len(rs)), list(rs.values()), color="tab:purple")
+        a1.set_xticks(range(len(rs)))
+        a1.set_xticklabels([k.replace("/", "\n") for k in rs], fontsize=8)
+        for k, v in enumerate(rs.values()):
+            a1.text(k, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    a1.axhline(1.0, color="k", lw=0.8, ls="--")
+    a1.set_ylabel("TMC / IWAE time per step")
+    a1.set_title("TMC / IWAE per recognition model and estimator", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _names(s: str, allowed, what: str) -> list:
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise tg.TMCGraphError(f"--{what}: unknown value(s) {bad or s!r}; choose from {list(allowed)}")
+    return vals
+
+
+def parse(argv=None):
+    p = base_parser(__doc__, seeds=1)
+    p.add_argument("--recognition", default=None, help="comma list of factorised,small,large (default all)")
+    p.add_argument("--grads", default=None, help="comma list of reparam,stl,dregs (default all)")
+    p.add_argument("--objectives", default="tmc,iwae", help="comma list of tmc,iwae (default both)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10; quick: 1)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the last)")
+    p.add_argument("--last", type=int, default=5, help="Table 1: evaluations averaged at the end (default 5)")
+    p.add_argument("--K", type=int, default=None, help="training particles / samples (default 20; quick: 4)")
+    p.add_argument("--eval-K", type=int, default=None, help="K of the test bounds (default --K)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam eps (PyTorch default, as the TMC paper)")
+    p.add_argument("--coupling", default=None, help="coupling of the non-factorised recognition layers "
+                                                    "(default: the engine's)")
+    p.add_argument("--limit-train", type=int, default=None, help="first N training images (default all)")
+    p.add_argument("--limit-test", type=int, default=None, help="first N test images (default all)")
+    p.add_argument("--data", default=None, help="MNIST directory (default $TMCGRAPH_DATA)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic stroke images instead of MNIST")
+    p.add_argument("--runs", type=pathlib.Path, default=None,
+                   help="folder of the per-run checkpoint folders (default runs/mnist_grid; quick: under --out)")
+    p.add_argument("--setting", default=None, help="label of this setting, recorded in the JSON and figures")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    a = p.parse_args(argv)
+    a.recognition = _names(a.recognition or ",".join(RECOGNITION), RECOGNITION, "recognition")
+    a.grads = _names(a.grads or ",".join(GRAD_NAMES), tuple(g for g in GRAD_NAMES if g in GRADS), "grads")
+    a.objectives = _names(a.objectives, OBJECTIVES, "objectives")
+    a.epochs = a.epochs or (1 if a.quick else 10)
+    a.K = a.K or (4 if a.quick else 20)
+    a.eval_K = a.eval_K or a.K
+    if a.quick and a.data is None:
+        a.limit_train, a.limit_test = a.limit_train or 128, a.limit_test or 64
+    for name in ("epochs", "eval_every", "last", "K", "eval_K", "batch_size", "limit_train", "limit_test"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise tg.TMCGraphError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if not a.lr > 0 or not a.adam_eps > 0:
+        raise tg.TMCGraphError(f"--lr and --adam-eps must be positive, got {a.lr} and {a.adam_eps}")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    threads = set_threads(a.threads, a.allocator)
+    from tmcgraph.sampling.couplings import DEFAULT
+
+    train_x, test_x, source = load_data(a)
+    runs_dir = a.runs or (pathlib.Path(a.out) / "mnist_grid_quick_runs" if a.quick else pathlib.Path("runs/mnist_grid"))
+    seeds = list(range(a.seeds or 1))
+    runs = []
+    for rec in a.recognition:
+        for grad in a.grads:
+            for obj in a.objectives:
+                for seed in seeds:
+                    cfg = {"recognition": rec, "grad": grad, "objective": obj, "seed": seed, "K": a.K,
+                           "eval_K": a.eval_K, "batch_size": a.batch_size, "lr": a.lr, "adam_eps": a.adam_eps,
+                           "coupling": a.coupling or DEFAULT, "train_images": len(train_x),
+                           "test_images": len(test_x), "eval_every": a.eval_every, "data": source}
+                    runs.append(Run(cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
+    skipped = [r.key for r in runs if r.epoch >= a.epochs]
+    if skipped:
+        print(f"{len(skipped)} of {len(runs)} runs already have {a.epochs} epochs: skipped", flush=True)
+    t0 = time.perf_counter()
+    for epoch in range(1, a.epochs + 1):
+        for r in runs:
+            if r.epoch >= epoch:
+                continue
+            rec = r.train_epoch(train_x)
+            if r.epoch % a.eval_every == 0 or r.epoch == a.epochs:
+                rec.update(r.evaluate(test_x))
+            r.metrics.append(rec)
+            r.save()
+            ev = f"  test TMC {rec['test_tmc']:.2f}  IWAE {rec['test_iwae']:.2f}" if "test_tmc" in rec else ""
+            print(f"{r.key} epoch {r.epoch}: train {rec['train_objective']:.2f}{ev}  "
+                  f"({rec['train_cpu_s']:.1f} CPU s, {rec['steps']} steps)", flush=True)
+    wall = time.perf_counter() - t0
+    done = [{"key": r.key, "config": r.config, "epochs": r.epoch, "metrics": r.metrics} for r in runs]
+    setting = a.setting or (
+        f"{'synthetic images' if source == 'synthetic' else 'MNIST'}: {len(train_x)} training / {len(test_x)} test "
+        f"images, {a.epochs} epoch(s), batch {a.batch_size}, K={a.K} (eval K={a.eval_K}), seeds {len(seeds)}, "
+        f"recognition {','.join(a.recognition)}, grads {','.join(a.grads)}")
+    paper = a.epochs >= 1200 and len(train_x) == FULL_TRAIN and len(test_x) == 10000
+    cv, t1, f6 = curves(done), table1(done, a.last), fig6(done)
+    jpath, ppath = output_paths(a.out, NAME, a.quick)
+    fig6_path = ppath.with_name(ppath.stem + "_fig6.png")
+    windows = {}
+    if not a.no_plots:
+        windows = plot_fig5(cv, ppath, f"MNIST grid (Fig. 5): {setting}")
+        plot_fig6(f6, fig6_path, f"{setting}")
+    payload = {
+        "benchmark": NAME, "command": command_line(argv), "quick": a.quick, "setting": setting,
+        "paper_protocol": paper,
+        "protocol_note": ("the paper trains 1200 epochs on all 60000 images; this setting is "
+                          + ("that protocol" if paper else "far smaller, so its numbers are not the paper's")),
+        "budget": {"epochs": a.epochs, "train_images": len(train_x), "test_images": len(test_x), "data": source,
+                   "batch_size": a.batch_size, "K": a.K, "eval_K": a.eval_K, "lr": a.lr, "adam_eps": a.adam_eps,
+                   "eval_every": a.eval_every, "last": a.last, "seeds": seeds, "recognition": a.recognition,
+                   "grads": a.grads, "objectives": a.objectives, "coupling": a.coupling or DEFAULT,
+                   "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped},
+        "machine": machine_info(), **threads,
+        "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
+        "figures": {"fig5": ppath.name, "fig6": fig6_path.name},
+    }
+    write_json(jpath, payload)
+    for k, row in t1.items():
+        parts = [f"{b} bound {row[f'{b}_bound']['mean']:.2f} +- {row[f'{b}_bound']['sd_pooled']:.2f}"
+                 for b in ("tmc", "iwae") if f"{b}_bound" in row]
+        print(f"Table 1 {k}: " + ", ".join(parts))
+    for k, v in f6["methods"].items():
+        print(f"Fig. 6 {k}: {v['cpu_s_per_epoch']:.1f} CPU s per epoch here, {v['cpu_s_per_full_epoch']:.0f} "
+              "per 60k epoch (extrapolated)")
+    for k, v in f6["tmc_over_iwae"].items():
+        print(f"Fig. 6 TMC/IWAE {k}: {v:.2f}")
+    print(f"wrote {jpath}" + ("" if a.no_plots else f", {ppath} and {fig6_path}"))
+    return payload
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+    except tg.TMCGraphError as e:
+        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

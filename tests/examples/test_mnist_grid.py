@@ -1,0 +1,122 @@
+"""benchmarks/mnist_grid.py end to end on synthetic images: outputs, resuming, skipping, refusals, summaries."""
+
+import importlib
+import json
+import math
+import pathlib
+import statistics
+import sys
+
+import pytest
+import torch
+
+import tmcgraph as tg
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("mnist_grid")
+
+
+def _argv(tmp_path, *extra, plots=False):
+    return ["--quick", *([] if plots else ["--no-plots"]), "--out", str(tmp_path), "--runs", str(tmp_path / "runs"),
+            "--recognition", "small", "--grads", "reparam", "--limit-train", "64", "--limit-test", "32",
+            "--batch-size", "32", *extra]
+
+
+def test_quick_grid_writes_figures_table_and_fig6(grid, tmp_path):
+    state = torch.get_rng_state()
+    out = grid.main(_argv(tmp_path, "--recognition", "factorised,small", "--grads", "reparam,dregs",
+                          "--epochs", "2", "--last", "2", "--limit-train", "32", plots=True))
+    assert torch.equal(torch.get_rng_state(), state)  # private generators only
+    data = json.loads((tmp_path / "mnist_grid_quick.json").read_text())
+    assert (tmp_path / "mnist_grid_quick.png").exists() and (tmp_path / "mnist_grid_quick_fig6.png").exists()
+    assert data["torch_threads"] == 1 and data["setting"] == out["setting"]
+    assert len(data["runs"]) == 2 * 2 * 2
+    for key, row in data["table1"].items():
+        rec, grad, obj = key.split("/")
+        run = next(r for r in data["runs"] if r["config"]["recognition"] == rec and r["config"]["grad"] == grad
+                   and r["config"]["objective"] == obj)
+        vals = [m["test_tmc"] for m in run["metrics"]][-2:]
+        assert row["tmc_bound"]["mean"] == pytest.approx(statistics.fmean(vals))
+        assert row["tmc_bound"]["sd_pooled"] == pytest.approx(statistics.stdev(vals))
+        assert math.isfinite(row["iwae_bound"]["mean"])
+    assert set(data["fig6"]["methods"]) == {"tmc/reparam", "iwae/reparam", "tmc/dregs", "iwae/dregs"}
+    assert set(data["fig6"]["tmc_over_iwae"]) == {"factorised/reparam", "small/reparam", "factorised/dregs",
+                                                  "small/dregs"}
+    for k, w in data["fig5_y_windows"].items():
+        assert w[0] < w[1]
+
+
+def test_resumed_runs_equal_uninterrupted_ones_and_complete_runs_are_skipped(grid, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    one = grid.main(_argv(a, "--epochs", "1"))
+    assert len(one["runs"][0]["metrics"]) == 1
+    two = grid.main(_argv(a, "--epochs", "2"))  # continues each run from its checkpoint
+    ref = grid.main(_argv(b, "--epochs", "2"))
+    for r, s in zip(two["runs"], ref["runs"]):
+        for m, n in zip(r["metrics"], s["metrics"]):
+            assert m["train_objective"] == n["train_objective"]
+            assert m["test_tmc"] == n["test_tmc"] and m["test_iwae"] == n["test_iwae"]
+    ck = a / "runs" / "small-reparam-tmc-seed0" / "checkpoint.pt"
+    mtime = ck.stat().st_mtime_ns
+    again = grid.main(_argv(a, "--epochs", "2"))
+    assert sorted(again["budget"]["runs_skipped_as_complete"]) == sorted(r["key"] for r in again["runs"])
+    assert ck.stat().st_mtime_ns == mtime
+    assert torch.load(ck, weights_only=True)["epoch"] == 2
+
+
+def test_a_run_with_another_configuration_is_refused(grid, tmp_path):
+    grid.main(_argv(tmp_path, "--epochs", "1"))
+    with pytest.raises(tg.TMCGraphError, match=r"K: checkpoint 4 vs requested 5"):
+        grid.main(_argv(tmp_path, "--epochs", "1", "--K", "5"))
+    with pytest.raises(tg.TMCGraphError, match="lr"):
+        grid.main(_argv(tmp_path, "--epochs", "1", "--lr", "0.01"))
+    ck = tmp_path / "runs" / "small-reparam-iwae-seed0" / "checkpoint.pt"
+    ck.write_bytes(b"not a checkpoint")
+    with pytest.raises(tg.TMCGraphError, match="not a readable checkpoint"):
+        grid.main(_argv(tmp_path, "--epochs", "1"))
+
+
+def test_bad_arguments(grid, tmp_path):
+    with pytest.raises(tg.TMCGraphError, match="recognition"):
+        grid.main(_argv(tmp_path, "--recognition", "huge"))
+    with pytest.raises(tg.TMCGraphError, match="grads"):
+        grid.main(_argv(tmp_path, "--grads", "vimco"))
+    with pytest.raises(tg.TMCGraphError, match="eval-every"):
+        grid.main(_argv(tmp_path, "--eval-every", "0"))
+
+
+def test_cli_prints_an_error_line(grid, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mnist_grid.py"])
+    assert grid.cli(_argv(tmp_path, "--objectives", "vae")) == 1
+    assert "mnist_grid.py: error: --objectives" in capsys.readouterr().err
+
+
+def test_summaries_on_constructed_metrics(grid):
+    def run(rec, grad, obj, seed, tmc, iwae, cpu):
+        ms = [{"epoch": e + 1, "test_tmc": t, "test_iwae": i, "train_cpu_s": c, "steps": 10}
+              for e, (t, i, c) in enumerate(zip(tmc, iwae, cpu))]
+        return {"config": {"recognition": rec, "grad": grad, "objective": obj, "seed": seed, "batch_size": 128},
+                "metrics": ms}
+
+    runs = [run("small", "reparam", "tmc", 0, [-100, -99, -98], [-101, -100, -99], [4, 5, 6]),
+            run("small", "reparam", "tmc", 1, [-100, -97, -96], [-101, -99, -97], [5, 5, 5]),
+            run("small", "reparam", "iwae", 0, [-101, -100, -99.5], [-101, -100, -99.6], [2, 2, 3])]
+    t = grid.table1(runs, last=2)
+    row = t["small/reparam/tmc"]["tmc_bound"]
+    assert row["mean"] == pytest.approx(statistics.fmean([-99, -98, -97, -96]))
+    assert row["sd_pooled"] == pytest.approx(statistics.stdev([-99, -98, -97, -96]))
+    assert row["sd_over_seed_means"] == pytest.approx(statistics.stdev([-98.5, -96.5]))
+    f = grid.fig6(runs)
+    assert f["per_run_group"]["small/reparam/tmc"]["cpu_s_per_epoch"] == 5
+    assert f["tmc_over_iwae"]["small/reparam"] == pytest.approx(5 / 2)
+    assert f["per_run_group"]["small/reparam/tmc"]["cpu_s_per_full_epoch"] == pytest.approx(0.5 * 469)
+    c = grid.curves(runs)["small/reparam/tmc"]
+    assert c["epochs"] == [1, 2, 3] and c["tmc"] == [-100, -98, -97]
+    lo, hi = grid.y_window([-97.0, -96.5, -96.9])
+    assert lo < -97.0 and hi > -96.5 and hi - lo < 1.0  # a sub-nat window around sub-nat differences
