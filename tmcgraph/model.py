@@ -16,7 +16,7 @@ Both are ``torch.nn.Module``: callables that are modules are registered, so
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import networkx as nx
@@ -25,7 +25,10 @@ from torch import nn
 
 from .errors import TMCGraphError
 
-__all__ = ["Plate", "Variable", "ElementIndex", "Model", "Proposal", "check_inference_inputs"]
+__all__ = ["Plate", "Variable", "ElementIndex", "Model", "Proposal", "check_inference_inputs", "PREV"]
+
+#: Suffix of a parent name that stands for the previous element's value in a Markov plate.
+PREV = "_prev"
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,16 @@ class Plate:
             then scaled by N / B (:mod:`tmcgraph.infer.subsample`).
         index: Subsampled plates: the observed variable holding the element indices
             (``"<name>_index"``), which callables may take as a parent.
+        markov: Whether the plate is a Markov (time-series) plate: its variables may
+            take ``<name>_prev`` parents, the previous element's value of a variable
+            in the plate (see :meth:`Model.plate`).
     """
 
     name: str
     size: Optional[int] = None
     subsample: bool = False
     index: Optional[str] = None
+    markov: bool = False
 
 
 @dataclass
@@ -67,6 +74,10 @@ class Variable:
         enumerate: Proposal only: take the support as particles (exact marginalisation).
         prior: Proposal only: the proposal is the model's prior for this latent.
         index_of: The element indices of this subsampled plate (data, no factor).
+        init: Variables with ``<u>_prev`` parents (Markov plates): the declaration used
+            at the plate's first element, where there is no previous value.
+        prev: ``<u>_prev`` parent -> ``u`` (the variable whose previous value it is).
+        markov: The Markov plate of a variable with ``prev`` parents, else ``None``.
     """
 
     name: str
@@ -80,6 +91,9 @@ class Variable:
     enumerate: bool = False
     prior: bool = False
     index_of: Optional[str] = None
+    init: Optional["Variable"] = None
+    prev: dict = field(default_factory=dict)
+    markov: Optional[str] = None
 
     def dist(self, values: dict) -> torch.distributions.Distribution:
         """Call ``fn`` with the parent values taken from ``values``."""
@@ -163,6 +177,53 @@ def _parents_of(name: str, fn: Callable, parents: Optional[Sequence[str]]):
     return tuple(names), True
 
 
+def _markov_parents(decl, name: str, parents: tuple, plates: tuple, init, what: str):
+    """``(prev map, Markov plate, init Variable)`` of a declaration; checks the ``<u>_prev`` parents.
+
+    A parent ``<u>_prev`` that is not itself a declared variable is the previous value
+    of ``u`` (this variable or an earlier one) along a Markov plate both lie in.
+    """
+    model = decl if isinstance(decl, Model) else decl.model
+    markov = [p for p in plates if model.plates[p].markov]
+    prev = {}
+    for p in parents:
+        if p in model or not p.endswith(PREV):
+            continue
+        u = p[: -len(PREV)]
+        if u != name and u not in model:
+            continue  # an unknown parent: validate() reports it
+        if not markov:
+            raise TMCGraphError(
+                f"{what} {name!r}: parent {p!r} (the previous value of {u!r}) needs a Markov plate; "
+                f"{name!r} lies in plates {list(plates)}; declare one with model.plate(..., markov=True)")
+        uplates = plates if u == name else model[u].plates
+        if markov[0] not in uplates:
+            raise TMCGraphError(f"{what} {name!r}: parent {p!r}: {u!r} is not in Markov plate {markov[0]!r}")
+        prev[p] = u
+    if len(markov) > 1 and prev:
+        raise TMCGraphError(f"{what} {name!r}: takes previous values but lies in two Markov plates {markov}")
+    if prev and init is None:
+        raise TMCGraphError(
+            f"{what} {name!r} takes previous values {sorted(prev)} along Markov plate {markov[0]!r}: give "
+            f"init=callable for its first element (same parents without the '{PREV}' ones)")
+    if init is not None and not prev:
+        loose = [p for p in parents if p.endswith(PREV) and p not in model]
+        if loose:
+            raise TMCGraphError(
+                f"{what} {name!r}: parent {loose[0]!r} names no declared variable {loose[0][:-len(PREV)]!r} "
+                f"(a previous value refers to this variable or one declared before it in the Markov plate)")
+        raise TMCGraphError(f"{what} {name!r}: init= is only for variables that take '<name>{PREV}' parents")
+    init_var = None
+    if init is not None:
+        ips, ikw = _parents_of(name, init, None)
+        bad = [p for p in ips if p in prev or (p.endswith(PREV) and p not in model)]
+        if bad:
+            raise TMCGraphError(f"{what} {name!r}: init callable takes previous values {bad}; the first element "
+                                "has none")
+        init_var = Variable(name, init, ips, plates, "init", ikw)
+    return prev, (markov[0] if prev else None), init_var
+
+
 def _index_fn(size: int) -> Callable:
     """The callable of a subsampled plate's index variable."""
 
@@ -222,8 +283,22 @@ class Model(_Declared):
         super().__init__()
         self.plates: dict[str, Plate] = {}
 
-    def plate(self, name: str, size: Optional[int] = None, subsample: bool = False) -> None:
+    def plate(self, name: str, size: Optional[int] = None, subsample: bool = False, markov: bool = False) -> None:
         """Declare a plate. ``size=None`` takes the size from the data (minibatches).
+
+        ``markov=True`` declares a Markov (time-series) plate of length T: its elements
+        form a chain rather than independent repetitions. A variable in it may take a
+        parent named ``<u>_prev``: the value of ``u`` (itself or another variable in the
+        plate) at the previous element, with an ``init=`` callable for the first
+        element. The callable is called once for all elements ``t = 1 .. T-1`` at once
+        (parents as time-shifted tensors along the plate's axis), ``init`` once for
+        ``t = 0``, and the contraction along the plate is a chain of log-space matrix
+        products (:mod:`tmcgraph.ops.scan`)::
+
+            m.plate("time", size=T, markov=True)
+            m.latent("z", lambda z_prev: Normal(0.9 * z_prev, 1.), plate="time",
+                     init=lambda: Normal(0., 1.))
+            m.observed("x", lambda z: Normal(z, 0.5), plate="time")
 
         ``subsample=True`` (with the full ``size`` N) lets a call give B of the N elements:
         the data along the plate are those elements and the observed variable
@@ -239,10 +314,12 @@ class Model(_Declared):
             raise TMCGraphError(f"plate {name!r}: size must be a positive integer or None, got {size!r}")
         if subsample and size is None:
             raise TMCGraphError(f"plate {name!r}: subsample=True needs the full size, e.g. size=N")
+        if subsample and markov:
+            raise TMCGraphError(f"plate {name!r}: a Markov plate cannot be subsampled (its elements form a chain)")
         index = f"{name}_index" if subsample else None
         if index in self._vars:
             raise TMCGraphError(f"plate {name!r}: its index variable {index!r} is already declared")
-        self.plates[name] = Plate(name, None if size is None else int(size), bool(subsample), index)
+        self.plates[name] = Plate(name, None if size is None else int(size), bool(subsample), index, bool(markov))
         if subsample:
             self._register(Variable(index, _index_fn(int(size)), (), (name,), "observed", index_of=name))
 
@@ -258,7 +335,8 @@ class Model(_Declared):
         order = list(self.plates)
         return tuple(sorted(plates, key=order.index))
 
-    def latent(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None) -> None:
+    def latent(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None,
+               init: Optional[Callable] = None) -> None:
         """Declare a latent variable with conditional distribution ``fn(**parents)``.
 
         Args:
@@ -267,15 +345,26 @@ class Model(_Declared):
                 use ``Independent``. Its batch shape broadcasts against
                 ``[sample dims..., plate sizes...]``.
             plate: A plate name or a sequence of them (nested plates).
-            parents: Explicit parent names; default: ``fn``'s parameter names.
+            parents: Explicit parent names; default: ``fn``'s parameter names. In a
+                Markov plate, ``<u>_prev`` is the previous element's value of ``u``.
+            init: Markov plates: the callable for the first element, for a variable with
+                ``<u>_prev`` parents (its parents: the same without those).
         """
         ps, kw = _parents_of(name, fn, parents)
-        self._register(Variable(name, fn, ps, self._plates(name, plate), "latent", kw))
+        plates = self._plates(name, plate)
+        prev, markov, init_var = _markov_parents(self, name, ps, plates, init, "latent")
+        self._register(Variable(name, fn, ps, plates, "latent", kw, init=init_var, prev=prev, markov=markov))
 
-    def observed(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None) -> None:
-        """Declare an observed variable; its value comes from the data at inference time."""
+    def observed(self, name: str, fn: Callable, plate=None, parents: Optional[Sequence[str]] = None,
+                 init: Optional[Callable] = None) -> None:
+        """Declare an observed variable; its value comes from the data at inference time.
+
+        ``init`` as for :meth:`latent` (autoregressive observations in a Markov plate).
+        """
         ps, kw = _parents_of(name, fn, parents)
-        self._register(Variable(name, fn, ps, self._plates(name, plate), "observed", kw))
+        plates = self._plates(name, plate)
+        prev, markov, init_var = _markov_parents(self, name, ps, plates, init, "observed")
+        self._register(Variable(name, fn, ps, plates, "observed", kw, init=init_var, prev=prev, markov=markov))
 
     @property
     def latents(self) -> list:
@@ -295,7 +384,11 @@ class Model(_Declared):
             g.add_node(n, kind=v.kind, plates=v.plates)
         for n, v in self._vars.items():
             for p in v.parents:
-                g.add_edge(p, n)
+                if p not in v.prev:  # previous values are not same-element dependencies
+                    g.add_edge(p, n)
+            if v.init is not None:
+                for p in v.init.parents:
+                    g.add_edge(p, n)
         return g
 
     def _state(self):
@@ -312,6 +405,8 @@ class Model(_Declared):
             return list(self._validated[1])
         for n, v in self._vars.items():
             for p in v.parents:
+                if p in v.prev:
+                    continue
                 if p not in self._vars:
                     raise TMCGraphError(f"model variable {n!r} has unknown parent {p!r} (edge {p!r} -> {n!r})")
                 if not set(self._vars[p].plates) <= set(v.plates):
@@ -320,6 +415,12 @@ class Model(_Declared):
                         f"edge {p!r} -> {n!r}: {n!r} is outside plate(s) {missing} of its parent {p!r}; "
                         "a variable must lie in every plate of its parents"
                     )
+            if v.init is not None:
+                for p in v.init.parents:
+                    if p not in self._vars:
+                        raise TMCGraphError(f"init callable of {n!r} has unknown parent {p!r}")
+                    if not set(self._vars[p].plates) <= set(v.plates):
+                        raise TMCGraphError(f"init of {n!r}: {n!r} is outside the plates of its parent {p!r}")
         g = self.graph
         _check_acyclic(g, "model")
         if not self.latents and not self.observed_names:
@@ -392,6 +493,7 @@ class Proposal(_Declared):
         parents: Optional[Sequence[str]] = None,
         coupling=None,
         K: Optional[int] = None,
+        init: Optional[Callable] = None,
     ) -> None:
         """Declare Q for latent ``name``.
 
@@ -412,12 +514,19 @@ class Proposal(_Declared):
                 consistent index paths carry weight, so tightly coupled chains lose most
                 of the K^n combinations. Names are checked when an estimator is built.
             K: Particles for this latent (default: the estimator's K).
+            init: Markov plates: Q at the first element when ``fn`` takes previous
+                values (``<u>_prev`` parents, as in :meth:`Model.latent`). With its own
+                previous value ``<name>_prev`` the latent is drawn element by element
+                along the plate (the coupling says which previous particle each
+                particle extends); otherwise in one call.
         """
         plates = self._check_name(name, plate)
         self._check_coupling(name, coupling)
         self._check_K(name, K)
         ps, kw = _parents_of(name, fn, parents)
-        self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K))
+        prev, markov, init_var = _markov_parents(self, name, ps, plates, init, "proposal for")
+        self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K, init=init_var, prev=prev,
+                                markov=markov))
 
     def prior(self, name: str, coupling=None, K: Optional[int] = None) -> None:
         """Sample latent ``name`` from its prior P(z | parents) with the given coupling.
@@ -430,7 +539,8 @@ class Proposal(_Declared):
         self._check_coupling(name, coupling)
         self._check_K(name, K)
         self._register(
-            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, coupling, K, prior=True)
+            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, coupling, K, prior=True,
+                     init=v.init, prev=dict(v.prev), markov=v.markov)
         )
 
     def enumerate(self, name: str) -> None:
@@ -442,7 +552,8 @@ class Proposal(_Declared):
         v = self.model[name] if name in self.model else None
         self._check_name(name, None)
         self._register(
-            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, None, None, enumerate=True)
+            Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, None, None, enumerate=True,
+                     init=v.init, prev=dict(v.prev), markov=v.markov)
         )
 
     def joint(self, plate: str = "auto") -> None:
@@ -508,7 +619,10 @@ class Proposal(_Declared):
         for n in self.model.latents:
             g.add_node(n, kind="latent")
         for n, v in self._vars.items():
-            for p in v.parents:
+            parents = [v.prev.get(p, p) for p in v.parents] + list(v.init.parents if v.init is not None else ())
+            for p in parents:
+                if p == n:
+                    continue  # its own previous value: drawn element by element
                 if p not in g:
                     g.add_node(p, kind=self.model[p].kind if p in self.model else "unknown")
                 g.add_edge(p, n)
@@ -532,7 +646,9 @@ class Proposal(_Declared):
                 f"latent(s) {missing} have no proposal; declare q.latent(...), q.prior(...) or q.enumerate(...)"
             )
         for n, v in self._vars.items():
-            for p in v.parents:
+            for p in list(v.parents) + list(v.init.parents if v.init is not None else ()):
+                if p in v.prev:
+                    continue
                 if p not in m:
                     raise TMCGraphError(f"proposal for {n!r} has unknown parent {p!r} (edge {p!r} -> {n!r})")
                 if not set(m[p].plates) <= set(v.plates) and m[p].kind != "observed":

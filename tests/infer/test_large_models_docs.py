@@ -17,10 +17,10 @@ def blocks(name):
 @pytest.fixture(scope="module")
 def namespaces():
     code = blocks("large_models.md")
-    assert len(code) == 2
+    assert len(code) == 5
     out = []
     for block in code:
-        ns = {}
+        ns = dict(out[-1]) if out else {}  # blocks run in order, each seeing the earlier ones' names
         exec(compile(block, "large_models.md", "exec"), ns)
         out.append(ns)
     return out
@@ -50,3 +50,30 @@ def test_discrete_latents_section(namespaces, capsys):
     probs = torch.softmax(ns["logits"] + ns["slope"] * y[:, None], -1).detach()
     truth = torch.tensor([0, 1, 2, 1] * 5)
     assert float(probs[torch.arange(20), truth].mean()) > 0.5
+
+
+def test_markov_plates_section(namespaces):
+    ns = namespaces[2]
+    A, mu, x, T, S = ns["A"], ns["mu"], ns["x"], ns["T"], ns["S"]
+    # the forward algorithm in float64
+    e = torch.distributions.Normal(mu.double()[:, None], 1.0).log_prob(x.double()[None, :])
+    a = torch.log(torch.full((S,), 1.0 / S, dtype=torch.float64)) + e[:, 0]
+    for t in range(1, T):
+        a = torch.logsumexp(a[:, None] + torch.log(A.double()), 0) + e[:, t]
+    assert abs(float(ns["log_px"]) - float(torch.logsumexp(a, 0))) < 1e-3 * T
+    sm = ns["smoothed"]
+    assert sm.shape == (S, T) and torch.allclose(sm.sum(0), torch.ones(T, dtype=sm.dtype))
+    assert ns["paths"].shape == (100, T)
+    assert torch.isfinite(ns["bound"])
+
+
+def test_crossed_plates_section(namespaces):
+    ns = namespaces[3]
+    for word in ("users", "items", "q.joint"):
+        assert word in ns["crossed_error"]
+    assert torch.isfinite(ns["crossed_bound"])
+
+
+def test_plate_splitting_section(namespaces):
+    a, b = namespaces[4]["same"]
+    assert torch.allclose(a, b, rtol=1e-5)

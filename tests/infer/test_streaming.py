@@ -88,5 +88,6 @@ def test_lazy_narrowing_composes():
 
     z = Lazy(build).narrow(0, 1, 1).narrow(2, 3, 1)
     assert torch.equal(z(), full[1:2, :, 3:4])
-    with pytest.raises(ValueError, match="one entry"):
-        Lazy(build).narrow(0, 0, 2)
+    assert Lazy(build).narrow(1, 1, 2).narrowed == ((1, 1, 2),)  # a chunk of a split plate
+    with pytest.raises(ValueError, match="at least one entry"):
+        Lazy(build).narrow(0, 0, 0)

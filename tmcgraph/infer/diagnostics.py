@@ -216,7 +216,9 @@ def squared_weight_graph(graph: FactorGraph, dims) -> FactorGraph:
             out.append(f.with_tensor(2.0 * f.tensor))
     ordinals = {**{d: tuple(graph.ordinals[d]) for d in graph.sample_dims},
                 **{ren[d]: tuple(graph.ordinals[d]) for d in summed}}
-    return FactorGraph(tuple(out), ordinals, graph.keep)
+    markov = {p: tuple(pairs) + tuple((ren[a], ren[b]) for a, b in pairs if a in ren and b in ren)
+              for p, pairs in graph.markov.items()}
+    return FactorGraph(tuple(out), ordinals, graph.keep, markov=markov)
 
 
 def graph_weight_ess(graph: FactorGraph, dims=None, strategy="auto", memory_limit=None,
@@ -254,8 +256,19 @@ def graph_weight_ess(graph: FactorGraph, dims=None, strategy="auto", memory_limi
             f"the contraction is zero or not finite (log value {log_z.flatten()[:4].tolist()}): no particle "
             "combination carries weight, so the effective sample size is undefined"
         )
-    g2 = squared_weight_graph(graph, dims)
+    # A Markov pair's previous-index dim is its dim one element earlier: weighed with it, never counted.
+    prev_of = {d: pd for pairs in graph.markov.values() for pd, d in pairs}
+    dims = tuple(d for d in dims if d not in graph.prev_dims)
+    g2 = squared_weight_graph(graph, dims + tuple(prev_of[d] for d in dims if d in prev_of))
     log_z2 = contract(plan_for(g2, strategy, memory_limit), g2.tensors)
+    # The first element's free previous index carries weight 1/K in one factor (it is summed
+    # out, not a particle): squared and summed it gives 1/K instead of 1 per chain, so add log K.
+    sizes = graph.sizes
+    for plate, pairs in graph.markov.items():
+        for pd, d in pairs:
+            if d in dims:
+                chains = math.prod(sizes[p] for p in graph.ordinals[d] if p not in (plate, graph.keep))
+                log_z2 = log_z2 + chains * math.log(sizes[d])
     sizes = graph.sizes
     log_n = 0.0
     for d in dims:

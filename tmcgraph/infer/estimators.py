@@ -38,6 +38,22 @@ from .program import COMPILE_MODES, ProgramCache
 __all__ = ["TMC", "IWAE", "VAE", "log_evidence"]
 
 
+def _check_split(model: Model, split) -> Optional[tuple]:
+    """``split={plate: chunk}`` as ``(plate, chunk)`` (checked), or ``None``."""
+    if split is None:
+        return None
+    if not isinstance(split, dict) or len(split) != 1:
+        raise TMCGraphError(f"split must be a dict with one plate, {{plate: chunk}}, got {split!r}")
+    (plate, chunk), = split.items()
+    if plate not in model.plates:
+        raise TMCGraphError(f"split: unknown plate {plate!r}; plates are {list(model.plates)}")
+    if model.plates[plate].markov:
+        raise TMCGraphError(f"split: Markov plate {plate!r} is a chain; its elements cannot be evaluated apart")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise TMCGraphError(f"split: chunk of plate {plate!r} must be a positive integer, got {chunk!r}")
+    return plate, int(chunk)
+
+
 class TMC:
     """Tensor Monte Carlo estimator of log p(x) for a model and a proposal.
 
@@ -56,6 +72,12 @@ class TMC:
             (every program from its second call) or ``False`` (always eager).
             Falls back to eager execution, with one warning, where compilation fails.
             See :mod:`tmcgraph.infer.program`.
+        split: ``{plate: chunk}``: evaluate everything inside that plate in chunks of
+            ``chunk`` elements (factors built per chunk, each chunk checkpointed under
+            autograd), so peak memory is bounded by a chunk; the value and gradients
+            are the unsplit ones up to float rounding (:func:`tmcgraph.ops.contract`).
+            Callables must get per-element tensors as data or parents (not by closure).
+            Posterior queries (``marginals``) do not split.
 
     Example:
         >>> import torch; from torch.distributions import Normal
@@ -84,8 +106,10 @@ class TMC:
         device=None,
         dtype: Optional[torch.dtype] = None,
         compile="auto",
+        split: Optional[dict] = None,
     ):
         check_inference_inputs(model, proposal, K)
+        self.split = _check_split(model, split)
         if not any(compile is m for m in COMPILE_MODES):
             raise TMCGraphError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         get_optimizer(strategy)
@@ -106,7 +130,7 @@ class TMC:
 
     def context(self, seed=None) -> Context:
         """The execution context of one call (device, dtype, generator seeded from ``seed``)."""
-        return Context(self.device, self.dtype, seed)
+        return Context(self.device, self.dtype, seed, self.memory_limit)
 
     def sample(self, data: dict, seed=None, detach_proposal: bool = False, defer: bool = False) -> Samples:
         """Draw particles for every latent (reproducible with ``seed``).

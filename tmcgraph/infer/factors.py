@@ -23,9 +23,10 @@ from ..model import Model
 from ..ops.factor import Factor, FactorGraph
 from ..particles import Samples, check_batch_shape, parent_inputs, place
 from ..sampling.context import Context
+from ..sampling.markov import markov_view, prev_dim, prev_pairs
 from .subsample import plate_scales
 
-__all__ = ["factor_graph", "factor_builders"]
+__all__ = ["factor_graph", "factor_builders", "graph_meta"]
 
 
 def _log_prob(role: str, name: str, d, value, target: list, labels: list, check: bool = True) -> torch.Tensor:
@@ -53,11 +54,24 @@ def _log_prob(role: str, name: str, d, value, target: list, labels: list, check:
 
 
 def _narrow(t: torch.Tensor, narrowed: tuple) -> torch.Tensor:
-    """``t`` (a factor-layout input, possibly broadcast) restricted to the narrowed sample-dim entries."""
-    for ax, i in narrowed:
+    """``t`` (a factor-layout input, possibly broadcast) restricted to the narrowed entries.
+
+    ``narrowed`` holds ``(axis, index)`` (one entry of a sample dim) and ``(axis, start,
+    length)`` (a chunk of a plate) items.
+    """
+    for entry in narrowed:
+        ax, i = entry[0], entry[1]
         if t.shape[ax] != 1:
-            t = t.narrow(ax, i, 1)
+            t = t.narrow(ax, i, entry[2] if len(entry) == 3 else 1)
     return t
+
+
+def _target(sizes: list, narrowed: tuple) -> list:
+    """The factor's shape after ``narrowed`` (see :func:`_narrow`)."""
+    out = list(sizes)
+    for entry in narrowed:
+        out[entry[0]] = entry[2] if len(entry) == 3 else 1
+    return out
 
 
 def factor_builders(model: Model, samples: Samples, ctx: Context = None, check: bool = True) -> list:
@@ -78,19 +92,23 @@ def factor_builders(model: Model, samples: Samples, ctx: Context = None, check: 
     for name in s.order:
         owners.setdefault(s.dims[name], name)
     folded = {d: n for d, n in owners.items() if s.plates[n] == s.ordinals[d]}
+    claimed = set()  # previous-index dims whose -log K (the free first index) a factor carries
     for d in owners:
         if d not in folded:
             ordinal = s.ordinals[d]
 
             def build_log_k(narrowed=(), d=d, ordinal=ordinal):
                 ref = s.log_q[owners[d]]
-                return torch.full([s.plate_sizes[p] for p in ordinal], -math.log(s.sizes[d]), dtype=ref.dtype,
-                                  device=ref.device)
+                return torch.full(_target([s.plate_sizes[p] for p in ordinal], narrowed), -math.log(s.sizes[d]),
+                                  dtype=ref.dtype, device=ref.device)
 
             out.append((f"_logK_{d}", (), tuple(ordinal), build_log_k))
     for name in model.validate():
         v = model[name]
         if v.index_of is not None:  # a subsampled plate's element indices: data, no factor
+            continue
+        if v.prev:
+            out.append(_markov_builder(name, v, s, ctx, check, folded, claimed))
             continue
         own = s.dims_of(name)
         pdims = [s.dims[p] for p in v.parents if p in s.dims]
@@ -98,8 +116,7 @@ def factor_builders(model: Model, samples: Samples, ctx: Context = None, check: 
         plates = v.plates
 
         def build(narrowed=(), name=name, v=v, own=own, dims=dims, plates=plates):
-            cut = dict(narrowed)
-            target = [1 if i in cut else s.sizes[d] for i, d in enumerate(dims)] + [s.plate_sizes[p] for p in plates]
+            target = _target([s.sizes[d] for d in dims] + [s.plate_sizes[p] for p in plates], narrowed)
             labels = [f"K[{d}]" for d in dims] + list(plates)
             inputs = parent_inputs(v.parents, s, dims, plates)
             if narrowed:
@@ -119,6 +136,65 @@ def factor_builders(model: Model, samples: Samples, ctx: Context = None, check: 
     return out
 
 
+def _markov_builder(name, v, s: Samples, ctx, check, folded, claimed):
+    """The factor of a variable with previous-value parents along its Markov plate ``p``.
+
+    Elements ``t >= 1`` come from one call of the variable's callable on the view of
+    ``[1, T)`` with previous values at ``[0, T-1)``; element 0 from its ``init``. At
+    ``t = 0`` the factor does not depend on the previous-index dims; it carries
+    ``-log K`` for each of them not carried by an earlier factor (``claimed``), so the
+    contraction's free first index of each averages out exactly once.
+    """
+    plate = v.markov
+    T = s.plate_sizes[plate]
+    own = s.dims_of(name)
+    view1 = markov_view(s, plate, 1, T, v.prev) if T > 1 else None
+    view0 = markov_view(s, plate, 0, 1)
+    dims1 = [view1.dims[p] for p in v.parents if p in view1.dims] if view1 is not None else []
+    dims0 = [view0.dims[p] for p in v.init.parents if p in view0.dims]
+    dims = tuple(dict.fromkeys(list(own) + dims1 + dims0))
+    prevs = [] if view1 is None else list(dict.fromkeys(
+        view1.dims[p] for p, u in v.prev.items()
+        if p in view1.dims and u in s.dims and view1.dims[p] == prev_dim(s.dims[u]) and view1.dims[p] not in claimed))
+    claimed.update(prevs)
+    sizes = dict(s.sizes, **({} if view1 is None else view1.sizes))
+    plates = v.plates
+    ax = len(dims) + plates.index(plate)
+    role = "model" if v.kind == "latent" else "likelihood"
+
+    def part(var, view):
+        target = [sizes[d] for d in dims] + [view.plate_sizes[p] for p in plates]
+        labels = [f"K[{d}]" for d in dims] + list(plates)
+        d = ctx.dist(var.dist(parent_inputs(var.parents, view, dims, plates)))
+        value = place(view.value(name), own, plates, dims, plates)
+        return _log_prob(role, name, d, value, target, labels, check)
+
+    def build(narrowed=()):
+        lp0 = part(v.init, view0)
+        if prevs:
+            lp0 = lp0 - sum(math.log(sizes[d]) for d in prevs)
+        lp = lp0 if view1 is None else torch.cat([lp0, part(v, view1)], ax)
+        if v.kind == "latent":
+            lq = place(s.log_q[name], own, plates, dims, plates)
+            if folded.get(own[0]) == name:
+                lq = lq + math.log(s.sizes[own[0]])
+            lp = lp - lq
+        return _narrow(lp, narrowed)
+
+    return name, dims, tuple(plates), build
+
+
+def graph_meta(model: Model, samples: Samples) -> tuple:
+    """``(ordinals, markov)`` of the factor graph at ``samples``: every sample dim's ordinal
+    (previous-index dims of Markov plates included) and the Markov pairs."""
+    markov = prev_pairs(model, samples)
+    ordinals = {d: tuple(samples.ordinals[d]) for d in samples.sizes}
+    for pairs in markov.values():
+        for pd, d in pairs:
+            ordinals[pd] = ordinals[d]
+    return ordinals, markov
+
+
 def factor_graph(model: Model, samples: Samples, ctx: Context = None, scaled: bool = True) -> FactorGraph:
     """The :class:`~tmcgraph.ops.factor.FactorGraph` of ``model`` at ``samples``.
 
@@ -134,5 +210,6 @@ def factor_graph(model: Model, samples: Samples, ctx: Context = None, scaled: bo
     for f in out[1:]:
         dtype = torch.promote_types(dtype, f.tensor.dtype)
     out = [f if f.tensor.dtype == dtype else f.with_tensor(f.tensor.to(dtype)) for f in out]
-    return FactorGraph(tuple(out), {d: tuple(samples.ordinals[d]) for d in samples.sizes},
-                       scales=plate_scales(model, samples.plate_sizes) if scaled else {})
+    ordinals, markov = graph_meta(model, samples)
+    return FactorGraph(tuple(out), ordinals, scales=plate_scales(model, samples.plate_sizes) if scaled else {},
+                       markov=markov)

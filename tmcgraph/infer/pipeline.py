@@ -27,7 +27,7 @@ from ..ops.contract import contract
 from ..ops.factor import Factor, FactorGraph
 from ..ops.plan import Plan, plan_for
 from ..particles import Samples
-from .factors import factor_builders, factor_graph
+from .factors import factor_builders, factor_graph, graph_meta
 from .program import Program, structure_key
 from .subsample import plate_scales
 
@@ -151,16 +151,17 @@ def evaluate(
     started = time.process_time()
     skeleton = Samples(**{f: getattr(samples, f) for f in samples.__dataclass_fields__})
     skeleton.log_q = dict(samples.log_q)  # keeps the deferred densities' recipes
-    if use_program and estimator.memory_limit is not None:
+    split = getattr(estimator, "split", None)
+    if use_program and (estimator.memory_limit is not None or split is not None):
         return _first_call_bounded(estimator, samples, skeleton, key, elementwise, started)
     graph = factor_graph(model, samples.materialize(), ctx)
     graph = graph.with_keep(resolve_keep(model, graph, elementwise))
     plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
     if not marginals:
-        value = contract(plan, graph.tensors)
+        value = contract(plan, graph.tensors, split)
         if key is not None:
             prog = programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile,
-                                                 graph.factors[0].tensor.dtype))
+                                                 graph.factors[0].tensor.dtype, split))
             prog.calls += 1
             prog.eager_seconds += time.process_time() - started
         return Evaluation(value, samples, plan, _graph=graph)
@@ -178,16 +179,16 @@ def _probe_graph(model, samples: Samples, ctx) -> FactorGraph:
     its full shape; the result has the right layouts, shapes and dtypes for planning.
     """
     out = []
+    ordinals, markov = graph_meta(model, samples)
+    sizes = dict(samples.sizes, **{pd: samples.sizes[d] for pairs in markov.values() for pd, d in pairs})
     for name, dims, plates, build in factor_builders(model, samples, ctx):
         t = build(tuple((i, 0) for i in range(len(dims))))
-        out.append(Factor(name, t.expand([samples.sizes[d] for d in dims] + list(t.shape[len(dims):])), dims,
-                          plates))
+        out.append(Factor(name, t.expand([sizes[d] for d in dims] + list(t.shape[len(dims):])), dims, plates))
     dtype = out[0].tensor.dtype
     for f in out[1:]:
         dtype = torch.promote_types(dtype, f.tensor.dtype)
     out = [f if f.tensor.dtype == dtype else f.with_tensor(f.tensor.to(dtype)) for f in out]
-    return FactorGraph(tuple(out), {d: tuple(samples.ordinals[d]) for d in samples.sizes},
-                       scales=plate_scales(model, samples.plate_sizes))
+    return FactorGraph(tuple(out), ordinals, scales=plate_scales(model, samples.plate_sizes), markov=markov)
 
 
 def _first_call_bounded(estimator, samples: Samples, skeleton: Samples, key, elementwise, started) -> Evaluation:
@@ -204,7 +205,7 @@ def _first_call_bounded(estimator, samples: Samples, skeleton: Samples, key, ele
     graph = graph.with_keep(resolve_keep(model, graph, elementwise))
     plan = plan_for(graph, estimator.strategy, estimator.memory_limit)
     prog = estimator.programs.put(key, Program(model, skeleton, plan, ctx, estimator.compile,
-                                               graph.factors[0].tensor.dtype))
+                                               graph.factors[0].tensor.dtype, getattr(estimator, "split", None)))
     value = prog(samples, eager=True)
     prog.eager_seconds += time.process_time() - started
 

@@ -132,9 +132,10 @@ class Program:
         ctx: Execution context (dtype/device of distribution parameters).
         mode: ``False``, ``True`` or ``"auto"`` (see the module docstring).
         dtype: The floating dtype of the structure's factors (``None``: as built).
+        split: ``(plate, chunk)`` or ``None`` (see :func:`tmcgraph.ops.contract`).
     """
 
-    def __init__(self, model, skeleton: Samples, plan, ctx, mode, dtype=None):
+    def __init__(self, model, skeleton: Samples, plan, ctx, mode, dtype=None, split=None):
         self.plan = plan
         self.mode = mode
         self.calls = 0
@@ -142,7 +143,7 @@ class Program:
         self.eager_seconds = 0.0
         self.compiled = None
         self.failed = None
-        prepared = prepare(plan)
+        prepared = prepare(plan, split)
         dims, sizes, ordinals = dict(skeleton.dims), dict(skeleton.sizes), dict(skeleton.ordinals)
         plate_sizes, plates, order = dict(skeleton.plate_sizes), dict(skeleton.plates), list(skeleton.order)
         couplings = dict(skeleton.couplings)

@@ -29,6 +29,11 @@ its variable and all its latent parents have been sampled; factors inside the un
 plate join at their element's step, so observed data are reached one element at a time.
 Factors with no latent at all are constants added once.
 
+Markov plates (``model.plate(..., markov=True)``) are the natural sequence: with
+``seq_plate=None`` a model with one is filtered along it (a particle filter along time),
+each element's step drawing ``z_t`` from Q given the particle's own ``z_{t-1}`` (``init``
+at ``t = 0``) and weighting by the transition and emission factors.
+
 Differences from TMC. Each particle carries its own trajectory, so a proposal with latent
 parents is always evaluated at the particle's own parent values (the proposal's
 ``coupling`` and per-latent ``K`` are TMC settings and are not used here; SMC uses one
@@ -188,6 +193,15 @@ class SMC:
             raise TMCGraphError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
         if seq_plate is not None and seq_plate not in model.plates:
             raise TMCGraphError(f"seq_plate: unknown plate {seq_plate!r}; plates are {list(model.plates)}")
+        chains = sorted({v.markov for v in list(model.variables.values()) + list(proposal.variables.values())
+                         if v.markov is not None})
+        if len(chains) > 1:
+            raise TMCGraphError(f"SMC filters along one Markov plate; the model has {chains}")
+        if chains and seq_plate is None:
+            seq_plate = chains[0]
+        elif chains and seq_plate != chains[0]:
+            raise TMCGraphError(f"SMC: variables take previous values along Markov plate {chains[0]!r}; "
+                                f"seq_plate must be that plate, got {seq_plate!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TMCGraphError(f"dtype must be a floating dtype, got {dtype}")
         self.model = model
@@ -221,7 +235,8 @@ class SMC:
         forever = len(outer)  # needed by every element step
         for n in m.validate():
             v = m[n]
-            need = ([n] if v.kind == "latent" else []) + [p for p in v.parents if m[p].kind == "latent"]
+            pars = [v.prev.get(p, p) for p in v.parents] + list(v.init.parents if v.init is not None else ())
+            need = ([n] if v.kind == "latent" else []) + [p for p in dict.fromkeys(pars) if m[p].kind == "latent"]
             if not need:
                 constant.append(n)
             elif inside(n):
@@ -295,16 +310,28 @@ class _Run:
         return x
 
     def _inputs(self, var, values: dict, element) -> dict:
-        """Parents of ``var`` in the layout ``[K (or 1), *var's plates, *event]``."""
+        """Parents of ``var`` in the layout ``[K (or 1), *var's plates, *event]``.
+
+        A ``<u>_prev`` parent is ``u`` at the previous element (kept by :meth:`filter`).
+        """
         plates = self.model[var.name].plates
         out = {}
         for p in var.parents:
-            pp = self.model[p].plates
+            u = var.prev.get(p, p)
+            pp = self.model[u].plates
             if p in values:
                 out[p] = place(values[p], (_K,), pp, (_K,), plates)
+            elif p in var.prev and self.model[u].kind == "latent":
+                raise TMCGraphError(f"SMC: previous value {p!r} of {var.name!r} is not available at element "
+                                    f"{element} of {self.seq_plate!r}")
             else:
-                out[p] = place(self._data(p, element), (), pp, (_K,), plates)
+                out[p] = place(self._data(u, element if p == u else element - 1), (), pp, (_K,), plates)
         return out
+
+    @staticmethod
+    def _at(var, element):
+        """The declaration used at ``element``: ``init`` at a Markov plate's first element."""
+        return var.init if (var.prev and element == 0) else var
 
     def _check(self, name, role, d, target, plates):
         """Check a batch shape once per run (element steps all have the first one's shapes)."""
@@ -315,7 +342,7 @@ class _Run:
 
     def _sample(self, n: str, values: dict, element) -> torch.Tensor:
         """Sample latent ``n`` into ``values``; return ``log Q`` summed over its plates, ``[K]``."""
-        qv = self.proposal[n]
+        qv = self._at(self.proposal[n], element)
         plates, sizes = self._layout(n, element)
         target = torch.Size([self.K] + sizes)
         d = self._ctx.dist(qv.dist(self._inputs(qv, values, element)))
@@ -328,7 +355,7 @@ class _Run:
 
     def _factor(self, n: str, values: dict, element) -> torch.Tensor:
         """``log P(n | pa)`` summed over ``n``'s plates, ``[K]`` (or ``[1]`` for a constant)."""
-        v = self.model[n]
+        v = self._at(self.model[n], element)
         plates, sizes = self._layout(n, element)
         target = [self.K] + sizes
         d = self._ctx.dist(v.dist(self._inputs(v, values, element)))
@@ -387,7 +414,9 @@ class _Run:
             e = 1.0 / float(torch.exp(torch.logsumexp(2 * log_w, 0)))
             ess.append(e)
             for n in drop:
-                values.pop(n, None)
+                z = values.pop(n, None)
+                if element is not None and z is not None:
+                    values[n + "_prev"] = z  # the previous element's value, for Markov plates
             do = t < len(steps) - 1 and (self.ess_threshold >= 1.0 or e < self.ess_threshold * K)
             resampled.append(do)
             if do:

@@ -29,9 +29,11 @@ from typing import Optional
 import torch
 
 from ..errors import TMCGraphError
+from .backends.log import einsum as log_einsum
 from .contract import contract, run_step
 from .factor import Factor, FactorGraph
 from .plan import plan_for
+from .scan import sample_log_chain
 
 __all__ = ["DRAWS", "dim_marginals", "sample_indices", "gather_particles"]
 
@@ -49,7 +51,8 @@ def dim_marginals(graph: FactorGraph, dims=None, strategy="auto", memory_limit=N
     Args:
         graph: The factor graph (its kept plate, if any, is an independent batch: the
             marginals are then per element of it).
-        dims: Sample dims to report (default: every dim the factors use).
+        dims: Sample dims to report (default: every dim the factors use, except the
+            ``prev_dim`` of Markov pairs, which are their dims one element earlier).
         strategy: Path strategy.
         memory_limit: Largest tensor (elements) for the planner.
         differentiable: Keep ``log Z`` attached to the factors' graph (the marginals
@@ -64,7 +67,7 @@ def dim_marginals(graph: FactorGraph, dims=None, strategy="auto", memory_limit=N
             carries weight, so the distribution is undefined).
     """
     used = graph.sample_dims
-    dims = used if dims is None else list(dims)
+    dims = [d for d in used if d not in graph.prev_dims] if dims is None else list(dims)
     unknown = [d for d in dims if d not in used]
     if unknown:
         raise TMCGraphError(f"unknown sample dim(s) {unknown}; the factors use {used}")
@@ -175,17 +178,19 @@ def sample_indices(
     groups = _step_inputs(graph, strategy, memory_limit)
     sizes = graph.sizes
     if batch_size is None and memory_limit is not None:
-        per_draw = max(f.tensor.numel() for inputs in groups for f in inputs)
+        per_draw = max(f.tensor.numel() for _, inputs in groups for f in inputs)
         batch_size = max(1, int(memory_limit) // max(per_draw, 1))
     B = S if batch_size is None else min(int(batch_size), S)
     chunks = []
     for start in range(0, S, B):
         n = min(B, S - start)
         drawn = {}
-        for inputs in groups:
-            drawn.update(_sample_step(inputs, graph.ordinals, drawn, sizes, n, generator, strategy))
+        for step, inputs in groups:
+            chain = (step.markov[0], graph.markov[step.markov[0]]) if step.markov else None
+            drawn.update(_sample_step(inputs, graph.ordinals, drawn, sizes, n, generator, strategy, chain))
         chunks.append(drawn)
-    return {d: torch.cat([c[d] for c in chunks], 0) for d in chunks[0]}
+    prev = graph.prev_dims
+    return {d: torch.cat([c[d] for c in chunks], 0) for d in chunks[0] if d not in prev}
 
 
 def _step_inputs(graph: FactorGraph, strategy, memory_limit) -> list:
@@ -195,15 +200,21 @@ def _step_inputs(graph: FactorGraph, strategy, memory_limit) -> list:
     groups = []
     for i, step in enumerate(plan.steps):
         inputs = [slots[j] for j in step.inputs]
-        groups.append(inputs)
+        groups.append((step, inputs))
         if i + 1 < len(plan.steps):
             msg = run_step(step, [f.tensor for f in inputs])
             slots.append(Factor(f"_message_{i}", msg, tuple(step.out_dims), tuple(step.out_plates)))
     return groups[::-1]
 
 
-def _sample_step(inputs, ordinals, drawn, sizes, S, generator, strategy) -> dict:
-    """Draw the not-yet-drawn dims of one step's inputs given the drawn ones."""
+def _sample_step(inputs, ordinals, drawn, sizes, S, generator, strategy, chain=None) -> dict:
+    """Draw the not-yet-drawn dims of one step's inputs given the drawn ones.
+
+    ``chain``: ``(plate, pairs)`` for a step that multiplies out a Markov plate: its
+    states are drawn first, jointly along the plate, by forward filtering and backward
+    sampling (:func:`tmcgraph.ops.scan.sample_log_chain`) of the step's per-element
+    log-matrices (its other own dims summed out); the rest given them, per element.
+    """
     sizes = dict(sizes, **{DRAWS: S})
     work = []
     for f in inputs:
@@ -215,9 +226,12 @@ def _sample_step(inputs, ordinals, drawn, sizes, S, generator, strategy) -> dict
             if d in drawn:
                 g = _clamp(g, d, drawn[d], tuple(ordinals[d]), sizes)
         work.append(g)
+    out = {}
+    if chain is not None:
+        work, states = _sample_chain(work, ordinals, sizes, S, generator, chain)
+        out.update(states)
     own = list(dict.fromkeys(d for f in work for d in f.sample_dims))
     lv = {d: (DRAWS,) + tuple(ordinals[d]) for d in own}
-    out = {}
     for d in own:
         _, marg = dim_marginals(FactorGraph(tuple(work), lv, DRAWS), [d], strategy=strategy)
         m = marg[d]  # [K_d, S, *ordinals[d]]
@@ -227,6 +241,45 @@ def _sample_step(inputs, ordinals, drawn, sizes, S, generator, strategy) -> dict
         out[d] = k
         work = [_clamp(f, d, k, tuple(ordinals[d]), sizes) for f in work]
     return out
+
+
+def _sample_chain(work, ordinals, sizes, S, generator, chain):
+    """Draw a Markov step's states jointly (FFBS); return the clamped factors and the draws."""
+    plate, pairs = chain
+    present = {d for f in work for d in f.sample_dims}
+    used = [(p, c) for p, c in pairs if p in present or c in present]
+    prevs, curs = [p for p, _ in used], [c for _, c in used]
+    lv = tuple(ordinals[curs[0]])
+    rest = tuple(p for p in lv if p != plate)
+    names = list(dict.fromkeys([DRAWS] + list(rest) + [plate] + prevs + curs
+                               + [x for f in work for x in tuple(f.sample_dims) + tuple(f.plates)]))
+    if len(names) > 52:
+        raise TMCGraphError(f"too many dims and plates ({len(names)}) to sample Markov plate {plate!r}")
+    sym = {x: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] for i, x in enumerate(names)}
+    terms = ["".join(sym[x] for x in tuple(f.sample_dims) + tuple(f.plates)) for f in work]
+    out_names = [DRAWS] + list(rest) + [plate] + prevs + curs
+    m = log_einsum(",".join(terms) + "->" + "".join(sym[x] for x in out_names), *[f.tensor for f in work])
+    K = 1
+    for c in curs:
+        K *= sizes[c]
+    lead = m.shape[:2 + len(rest)]
+    m = m.reshape(*lead, K, K)  # [DRAWS, *rest, T, K, K]
+    path = sample_log_chain(m, generator)  # [DRAWS, *rest, T + 1]: the extra first index, then k_0 .. k_{T-1}
+    flat_cur, flat_prev = path[..., 1:], path[..., :-1]
+    out = {}
+    sz = [sizes[c] for c in curs]
+    for i, (p, c) in enumerate(used):
+        div = 1
+        for k in sz[i + 1:]:
+            div *= k
+        for name, flat in ((c, flat_cur), (p, flat_prev)):
+            k = (flat // div) % sz[i]
+            # layout [S, *ordinal] with the plate at its place in the ordinal
+            k = k.movedim(-1, 1 + lv.index(plate)) if len(rest) else k
+            out[name] = k
+    for d, k in out.items():
+        work = [_clamp(f, d, k, lv, dict(sizes, **{DRAWS: S})) for f in work]
+    return work, out
 
 
 def gather_particles(values: torch.Tensor, index: torch.Tensor, index_plates: tuple, plates: tuple) -> torch.Tensor:

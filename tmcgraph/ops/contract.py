@@ -18,9 +18,11 @@ import itertools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import TMCGraphError
 from .backends.log import compile_pair, logsumexp
 from .factor import Lazy
 from .plan import Plan
+from .scan import log_chain_vector
 
 __all__ = ["contract", "run_step", "prepare", "Prepared"]
 
@@ -51,25 +53,84 @@ class Prepared:
 
     Running a ``Prepared`` does no cache lookups, so it can be traced as a whole (e.g. by
     ``torch.compile``).
+
+    Args:
+        plan: The plan.
+        split: ``(plate, chunk)`` or ``None``: evaluate everything inside ``plate`` in
+            chunks of ``chunk`` of its elements (see :func:`contract`).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, split=None):
         self.plan = plan
         self.steps = tuple((step, _ops(step.program)) for step in plan.steps)
+        self.split = None if split is None else _split_spec(plan, *split)
 
     def __call__(self, tensors) -> torch.Tensor:
         slots = list(tensors)
         if len(slots) != self.plan.n_inputs:
             raise ValueError(f"plan expects {self.plan.n_inputs} tensors, got {len(slots)}")
-        for step, ops in self.steps:
-            slots.append(_step(step, ops, [slots[i] for i in step.inputs]))
+        done = {}
+        if self.split is not None:
+            done = _run_split(self.split, self.steps, slots)
+        for i, (step, ops) in enumerate(self.steps):
+            if i in done:
+                slots.append(done[i])
+            elif self.split is not None and i in self.split[3]:
+                slots.append(None)  # computed chunk by chunk, used only inside the split region
+            else:
+                slots.append(_step(step, ops, [slots[j] for j in step.inputs]))
         return slots[-1] if self.plan.keep_scale == 1.0 else slots[-1] * self.plan.keep_scale
 
 
+def _split_spec(plan: Plan, plate: str, chunk: int) -> tuple:
+    """``(plate, chunk, size, region, exported, axes)`` of a split plate (checked)."""
+    sizes = {}
+    axes = []
+    for dims, plates, shape in plan.structure:
+        for name, n in zip(tuple(dims) + tuple(plates), shape):
+            sizes[name] = n
+        axes.append(len(dims) + plates.index(plate) if plate in plates else None)
+    if plate not in sizes:
+        raise TMCGraphError(f"split: no factor lies in plate {plate!r}")
+    if plate == plan.keep:
+        raise TMCGraphError(f"split: plate {plate!r} is kept per element; split another plate")
+    region = tuple(i for i, s in enumerate(plan.steps) if plate in s.ordinal)
+    for i in region:
+        if plan.steps[i].markov and plan.steps[i].markov[0] == plate:
+            raise TMCGraphError(f"split: Markov plate {plate!r} is a chain, not independent elements")
+    exported = tuple(i for i in region if plate not in plan.steps[i].out_plates)
+    return plate, int(chunk), sizes[plate], region, exported, tuple(axes)
+
+
+def _run_split(spec, steps, factors) -> dict:
+    """The split region's exported step results, accumulated over chunks (checkpointed under autograd)."""
+    plate, chunk, size, region, exported, axes = spec
+    n_in = len(factors)
+    grad = torch.is_grad_enabled()
+
+    def run(start, length, *tensors):
+        slots = [t if ax is None else t.narrow(ax, start, length) for t, ax in zip(tensors, axes)]
+        slots = slots + [None] * len(steps)
+        for i in region:
+            step, ops = steps[i]
+            slots[n_in + i] = _step(step, ops, [slots[j] for j in step.inputs])
+        return tuple(slots[n_in + i] for i in exported)
+
+    acc = None
+    for start in range(0, size, chunk):
+        length = min(chunk, size - start)
+        if grad:
+            part = checkpoint(run, start, length, *factors, use_reentrant=False)
+        else:
+            part = run(start, length, *factors)
+        acc = list(part) if acc is None else [a + b for a, b in zip(acc, part)]
+    return dict(zip(exported, acc))
+
+
 @functools.lru_cache(maxsize=256)
-def prepare(plan: Plan) -> Prepared:
-    """The (cached) :class:`Prepared` form of ``plan``."""
-    return Prepared(plan)
+def prepare(plan: Plan, split=None) -> Prepared:
+    """The (cached) :class:`Prepared` form of ``plan`` (``split``: see :class:`Prepared`)."""
+    return Prepared(plan, split)
 
 
 def _read(x):
@@ -105,8 +166,27 @@ def _run_sliced(step, ops, args):
     return acc
 
 
+def _chain(r: torch.Tensor, spec) -> torch.Tensor:
+    """Multiply out a Markov plate: ``r`` ``[*out, *prev states, *states, *plates]`` -> ``[*out, *other plates]``."""
+    _, n_out, state_sizes, time_axis = spec
+    n_s = len(state_sizes)
+    K = 1
+    for k in state_sizes:
+        K *= k
+    x = r.movedim(time_axis, -1)  # [*out, *prev, *cur, *rest, T]
+    nd = x.dim()
+    rest = list(range(n_out + 2 * n_s, nd - 1))
+    x = x.permute(list(range(n_out)) + rest + [nd - 1] + list(range(n_out, n_out + 2 * n_s)))
+    batch = x.shape[:n_out + len(rest)]
+    x = x.reshape(*batch, x.shape[len(batch)], K, K)
+    zero = x.new_zeros(K)
+    return log_chain_vector(zero, x, zero)
+
+
 def _step(step, ops, args) -> torch.Tensor:
     r = _run_sliced(step, ops, args) if step.sliced else _run(ops, args)
+    if step.markov:
+        r = _chain(r, step.markov)
     if not step.reduce_axes:
         return r
     r = r.sum(dim=step.reduce_axes)
@@ -114,19 +194,33 @@ def _step(step, ops, args) -> torch.Tensor:
 
 
 def run_step(step, args) -> torch.Tensor:
-    """One plan step on its input tensors: its contraction (sliced if planned so), then its plate products."""
+    """One plan step on its input tensors: its contraction (sliced if planned so), then its plate products.
+
+    A step that multiplies out a Markov plate does it as a chain of log-matrix products
+    over the flattened states (:mod:`tmcgraph.ops.scan`), then multiplies out its other
+    plates.
+    """
     return _step(step, _ops(step.program), args)
 
 
-def contract(plan: Plan, tensors) -> torch.Tensor:
+def contract(plan: Plan, tensors, split=None) -> torch.Tensor:
     """Run ``plan`` on log-factor tensors (in the order of the factor graph it was made for).
 
     Args:
         plan: A plan (:func:`tmcgraph.ops.plan.plan_for`).
-        tensors: Log-factor tensors, one per factor.
+        tensors: Log-factor tensors (or :class:`~tmcgraph.ops.factor.Lazy` factors), one
+            per factor.
+        split: ``(plate, chunk)`` or ``None``. Every step inside ``plate`` (the steps
+            whose ordinal contains it) runs once per chunk of ``chunk`` consecutive
+            elements, on the inputs narrowed to the chunk (a ``Lazy`` factor is built at
+            the chunk's size), and the messages leaving the plate are summed over chunks:
+            the product over a plate's elements is a sum of their log-messages, so the
+            result is the unsplit one up to float rounding. Under autograd each chunk is
+            checkpointed (recomputed in the backward pass), so memory is that of one
+            chunk. ``plate`` must not be kept or Markov.
 
     Returns:
         The log of the plated sum-product: a scalar, or a vector over the plan's
         ``keep`` plate.
     """
-    return prepare(plan)(tensors)
+    return prepare(plan, None if split is None else (split[0], int(split[1])))(tensors)

@@ -39,8 +39,9 @@ class Lazy:
 
     Args:
         build: ``build(narrowed) -> tensor``; ``narrowed`` is a tuple of
-            ``(axis, index)``: the returned tensor has size 1 along each such axis,
-            holding entry ``index`` of the full factor.
+            ``(axis, index)`` (the returned tensor has size 1 along that axis, holding
+            entry ``index`` of the full factor) and ``(axis, start, length)`` entries
+            (entries ``start .. start + length - 1``).
         narrowed: Slices recorded so far.
 
     Example:
@@ -63,10 +64,16 @@ class Lazy:
         self.narrowed = narrowed
 
     def narrow(self, axis: int, start: int, length: int) -> "Lazy":
-        """The factor restricted to entry ``start`` of ``axis`` (``length`` must be 1)."""
-        if length != 1:
-            raise ValueError(f"Lazy factors narrow to one entry at a time, got length {length}")
-        return Lazy(self.build, self.narrowed + ((axis, start),))
+        """The factor restricted to ``length`` entries of ``axis`` from ``start``.
+
+        A length-1 narrowing is recorded as ``(axis, start)`` (sample dims sliced under a
+        memory limit), a longer one as ``(axis, start, length)`` (a chunk of a split
+        plate).
+        """
+        if length < 1:
+            raise ValueError(f"Lazy factors narrow to at least one entry, got length {length}")
+        entry = (axis, start) if length == 1 else (axis, start, length)
+        return Lazy(self.build, self.narrowed + (entry,))
 
     def __call__(self) -> torch.Tensor:
         return self.build(self.narrowed)
@@ -111,12 +118,22 @@ class FactorGraph:
         scales: Plate -> exponent ``c``: the product over that plate's elements becomes
             ``prod_e m_e^c`` (``c * sum_e log m_e`` for the log-messages ``m_e`` of its
             elements): subsampled plates, ``c = N / B``. Empty: no scaling.
+        markov: Plate -> ``((prev_dim, dim), ...)``: a *Markov plate*, whose elements
+            ``t = 0 .. T-1`` form a chain. ``dim`` is local to the plate (an index
+            ``k_t`` per element) and ``prev_dim`` is its previous value: at element
+            ``t >= 1`` the index of ``prev_dim`` *is* ``k_{t-1}`` (not a new index), and at
+            ``t = 0`` it is one extra free index ``k_{-1}`` summed over its range (a
+            factor that is constant in it at ``t = 0`` should carry ``-log K`` there, so
+            the sum averages it away). Both dims need the same ordinal. The
+            contraction multiplies such a plate out as a chain of log-matrix products
+            (:mod:`tmcgraph.ops.scan`) instead of a product of independent elements.
     """
 
     factors: tuple
     ordinals: dict = field(default_factory=dict)
     keep: Optional[str] = None
     scales: dict = field(default_factory=dict)
+    markov: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "factors", tuple(self.factors))
@@ -130,10 +147,45 @@ class FactorGraph:
             if not (isinstance(c, (int, float)) and c > 0):
                 raise TMCGraphError(f"scale of plate {plate!r} must be a positive number, got {c!r}")
         object.__setattr__(self, "scales", {p: float(c) for p, c in self.scales.items() if c != 1})
+        object.__setattr__(self, "markov", {p: tuple(tuple(pair) for pair in pairs)
+                                            for p, pairs in self.markov.items() if pairs})
+        self._check_markov()
         if self.keep is not None:
             why = self.why_not_keep(self.keep)
             if why:
                 raise TMCGraphError(f"cannot keep plate {self.keep!r} per element: {why}")
+
+    def _check_markov(self) -> None:
+        sizes = self.sizes
+        seen = set()
+        for plate, pairs in self.markov.items():
+            if plate in self.scales:
+                raise TMCGraphError(f"Markov plate {plate!r} cannot be scaled (subsampled): its elements form a chain")
+            if plate == self.keep:
+                raise TMCGraphError(f"Markov plate {plate!r} cannot be kept per element: its elements form a chain")
+            for pair in pairs:
+                if len(pair) != 2:
+                    raise TMCGraphError(f"Markov plate {plate!r}: expected (prev_dim, dim) pairs, got {pair!r}")
+                prev, dim = pair
+                for d in pair:
+                    if d in seen:
+                        raise TMCGraphError(f"sample dim {d!r} appears in two Markov pairs")
+                    seen.add(d)
+                    if d not in self.ordinals:
+                        raise TMCGraphError(f"Markov pair {pair!r} of plate {plate!r}: dim {d!r} has no ordinal")
+                if plate not in self.ordinals[dim]:
+                    raise TMCGraphError(f"Markov pair {pair!r}: dim {dim!r} is not local to plate {plate!r} "
+                                        f"(its ordinal is {tuple(self.ordinals[dim])})")
+                if tuple(self.ordinals[prev]) != tuple(self.ordinals[dim]):
+                    raise TMCGraphError(f"Markov pair {pair!r}: {prev!r} and {dim!r} need the same ordinal, got "
+                                        f"{tuple(self.ordinals[prev])} and {tuple(self.ordinals[dim])}")
+                if prev in sizes and dim in sizes and sizes[prev] != sizes[dim]:
+                    raise TMCGraphError(f"Markov pair {pair!r}: sizes differ ({sizes[prev]} and {sizes[dim]})")
+
+    @property
+    def prev_dims(self) -> set:
+        """The ``prev_dim`` of every Markov pair (aliases of their dims at the previous element)."""
+        return {prev for pairs in self.markov.values() for prev, _ in pairs}
 
     @property
     def tensors(self) -> list:
@@ -164,10 +216,10 @@ class FactorGraph:
         return sizes
 
     def structure(self) -> tuple:
-        """A hashable key of everything planning depends on (layouts, shapes, ordinals, keep)."""
+        """A hashable key of everything planning depends on (layouts, shapes, ordinals, keep, scales, Markov pairs)."""
         fs = tuple((f.sample_dims, f.plates, tuple(f.tensor.shape)) for f in self.factors)
         ords = tuple(sorted((d, tuple(self.ordinals[d])) for d in self.sample_dims))
-        return fs, ords, self.keep, tuple(sorted(self.scales.items()))
+        return fs, ords, self.keep, tuple(sorted(self.scales.items())), tuple(sorted(self.markov.items()))
 
     def why_not_keep(self, plate: str) -> Optional[str]:
         """Why ``plate`` cannot be kept per element, or ``None`` when it can."""
@@ -176,7 +228,7 @@ class FactorGraph:
 
     def with_keep(self, keep: Optional[str]) -> "FactorGraph":
         """The same graph with another kept plate (checked)."""
-        return FactorGraph(self.factors, self.ordinals, keep, self.scales)
+        return FactorGraph(self.factors, self.ordinals, keep, self.scales, self.markov)
 
     def with_tensors(self, tensors) -> "FactorGraph":
         """The same graph on other tensors of the same layouts (e.g. scaled, masked)."""
@@ -184,7 +236,7 @@ class FactorGraph:
         if len(tensors) != len(self.factors):
             raise TMCGraphError(f"factor graph has {len(self.factors)} factors, got {len(tensors)} tensors")
         return FactorGraph(tuple(f.with_tensor(t) for f, t in zip(self.factors, tensors)), self.ordinals, self.keep,
-                           self.scales)
+                           self.scales, self.markov)
 
     def detach(self) -> "FactorGraph":
         """The same graph with detached tensors."""
@@ -193,7 +245,7 @@ class FactorGraph:
     def extend(self, factors, ordinals: Optional[dict] = None) -> "FactorGraph":
         """The graph with more factors (and ordinals for new sample dims)."""
         return FactorGraph(self.factors + tuple(factors), {**self.ordinals, **(ordinals or {})}, self.keep,
-                           self.scales)
+                           self.scales, self.markov)
 
     def __str__(self) -> str:
         lines = [f"FactorGraph: {len(self.factors)} factor(s), keep={self.keep!r}"]

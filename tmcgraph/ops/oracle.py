@@ -14,7 +14,7 @@ import math
 
 import torch
 
-__all__ = ["brute_force", "enumerate_log_weights", "MAX_COMBINATIONS"]
+__all__ = ["brute_force", "enumerate_log_weights", "unroll_markov", "MAX_COMBINATIONS"]
 
 #: Refuse to enumerate more combinations than this.
 MAX_COMBINATIONS = 2_000_000
@@ -37,6 +37,9 @@ def brute_force(graph, ordinals=None, keep=None) -> torch.Tensor:
         if graph.scales:
             raise ValueError(f"brute_force does not enumerate scaled plates {sorted(graph.scales)}: "
                              "compare a graph with the plates' elements repeated instead")
+        if graph.markov:
+            factors, ordinals = unroll_markov(graph)
+            return _brute_force(factors, ordinals, graph.keep)
         return _brute_force(graph.factors, graph.ordinals, graph.keep)
     if ordinals is None:
         raise TypeError("brute_force needs a FactorGraph, or factors and their ordinals")
@@ -95,6 +98,66 @@ def enumerate_log_weights(factors, ordinals: dict):
                 idx.append(grids[:, col])
             logw = logw + f.tensor[tuple(idx) + tuple(e)]
     return variables, grids, logw
+
+
+def unroll_markov(graph):
+    """A Markov graph's factors with its Markov plates unrolled: the definition, spelled out.
+
+    Every factor in a Markov plate ``p`` of size ``T`` becomes ``T`` factors, one per
+    element ``t``, outside ``p``; a dim ``d`` local to ``p`` becomes one dim ``d@p=t`` per
+    element, and the ``prev_dim`` of a pair ``(prev_dim, d)`` at element ``t`` becomes
+    ``d@p=t-1`` (at ``t = 0``: the extra free index ``d@p=-1``).
+
+    Args:
+        graph: A :class:`~tmcgraph.ops.factor.FactorGraph`.
+
+    Returns:
+        ``(factors, ordinals)`` of the equivalent graph without Markov plates.
+    """
+    factors = list(graph.factors)
+    ordinals = {d: tuple(graph.ordinals[d]) for d in graph.sample_dims}
+    sizes = _sizes(factors)
+    for plate, pairs in graph.markov.items():
+        prev_of = {prev: dim for prev, dim in pairs}
+        out = []
+        for f in factors:
+            if plate not in f.plates:
+                if any(plate in ordinals[d] for d in f.sample_dims):
+                    raise ValueError(f"factor {getattr(f, 'name', '?')!r} uses dims local to plate {plate!r} "
+                                     "outside it")
+                out.append(f)
+                continue
+            ax = len(f.sample_dims) + f.plates.index(plate)
+            for t in range(sizes[plate]):
+                names = []
+                for d in f.sample_dims:
+                    if plate not in ordinals[d]:
+                        names.append(d)
+                    elif d in prev_of:
+                        names.append(f"{prev_of[d]}@{plate}={t - 1}")
+                    else:
+                        names.append(f"{d}@{plate}={t}")
+                out.append(_Plain(f.tensor.select(ax, t), tuple(names), tuple(p for p in f.plates if p != plate)))
+        new = {}
+        for d, lv in ordinals.items():
+            if plate not in lv:
+                new[d] = lv
+                continue
+            if d in prev_of:
+                continue
+            rest = tuple(p for p in lv if p != plate)
+            for t in range(-1 if d in prev_of.values() else 0, sizes[plate]):
+                new[f"{d}@{plate}={t}"] = rest
+        factors, ordinals = out, new
+    used = {d for f in factors for d in f.sample_dims}
+    return factors, {d: lv for d, lv in ordinals.items() if d in used}
+
+
+class _Plain:
+    """A factor as the oracle reads it: tensor, sample dims, plates."""
+
+    def __init__(self, tensor, sample_dims, plates):
+        self.tensor, self.sample_dims, self.plates = tensor, sample_dims, plates
 
 
 def _sizes(factors) -> dict:

@@ -62,6 +62,12 @@ class Step:
         largest: Largest tensor (elements) the step allocates or reads per slice.
         scale: Exponent of the product over the reduced plates (the product of their
             scales; 1 without subsampled plates).
+        markov: ``()``, or for a step that multiplies out a Markov plate
+            ``(plate, n_out, state_sizes, time_axis)``: the contraction's result is laid
+            out ``[*out_dims, *prev states, *states, *plates]`` and the plate (axis
+            ``time_axis``) is multiplied out as a chain over the flattened states
+            (:func:`tmcgraph.ops.scan.log_chain_vector`) before ``reduce_axes`` (then
+            counted in the layout without the states and that plate) are.
     """
 
     ordinal: tuple
@@ -76,6 +82,7 @@ class Step:
     sliced: tuple = ()
     largest: int = 0
     scale: float = 1.0
+    markov: tuple = ()
 
     @property
     def n_slices(self) -> int:
@@ -95,6 +102,7 @@ class Plan:
         memory_limit: The memory limit (elements) the plan respects, or ``None``.
         keep_scale: The scale of the kept plate (its per-element values are multiplied
             by it), 1 when it has none.
+        structure: ``(sample dims, plates, shape)`` of every input factor.
     """
 
     steps: tuple
@@ -103,6 +111,7 @@ class Plan:
     strategy: str
     memory_limit: object = field(default=None)
     keep_scale: float = 1.0
+    structure: tuple = ()
 
     @property
     def cost(self) -> int:
@@ -126,9 +135,10 @@ class Plan:
         ]
         for i, s in enumerate(self.steps):
             sl = f"; sliced over {[(n, k) for n, k, _ in s.sliced]}" if s.sliced else ""
+            chain = f"; Markov plate {s.markov[0]!r} as a chain over states {list(s.markov[2])}" if s.markov else ""
             lines.append(
                 f"  step {i}: plates {list(s.ordinal)} inputs {list(s.inputs)}: {s.equation}; "
-                f"path {s.path_info.path}{sl}; then multiply out plates {list(s.reduced_plates)}"
+                f"path {s.path_info.path}{sl}{chain}; then multiply out plates {list(s.reduced_plates)}"
                 f" -> dims {list(s.out_dims)} plates {list(s.out_plates)}"
             )
             for c in s.path_info.contraction_list:
@@ -149,11 +159,12 @@ def plan_for(graph: FactorGraph, strategy="auto", memory_limit=None) -> Plan:
         TMCGraphError: unknown strategy, bad limit, non-nested plates, a kept plate some
             factor or sample dim lies outside, or a memory limit that no slicing can meet.
     """
-    factors, ordinals, keep, scales = graph.structure()
-    return make_plan(factors, ordinals, keep, strategy, memory_limit, scales)
+    factors, ordinals, keep, scales, markov = graph.structure()
+    return make_plan(factors, ordinals, keep, strategy, memory_limit, scales, markov)
 
 
-def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", memory_limit=None, scales=()) -> Plan:
+def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", memory_limit=None, scales=(),
+              markov=()) -> Plan:
     """Plan a plated log-space contraction from its structure alone (no tensors).
 
     Args:
@@ -163,6 +174,8 @@ def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", mem
         strategy: A name from :data:`STRATEGIES` or an opt_einsum ``PathOptimizer``.
         memory_limit: Largest tensor (elements), or ``None``.
         scales: ``(plate, exponent)`` pairs (see :class:`~tmcgraph.ops.factor.FactorGraph`).
+        markov: ``(plate, ((prev_dim, dim), ...))`` pairs: Markov plates (see
+            :class:`~tmcgraph.ops.factor.FactorGraph`).
 
     Returns:
         The :class:`Plan` (cached).
@@ -171,8 +184,9 @@ def make_plan(structure: tuple, ordinals: tuple, keep=None, strategy="auto", mem
     if memory_limit is not None and (isinstance(memory_limit, bool) or int(memory_limit) != memory_limit
                                      or memory_limit < 1):
         raise TMCGraphError(f"memory_limit must be a positive number of elements or None, got {memory_limit!r}")
+    markov = tuple(sorted((p, tuple(tuple(x) for x in pairs)) for p, pairs in dict(markov).items()))
     return _cached_plan(structure, ordinals, keep, strategy, None if memory_limit is None else int(memory_limit),
-                        tuple(sorted(dict(scales).items())))
+                        tuple(sorted(dict(scales).items())), markov)
 
 
 def plan_cache_info():
@@ -223,7 +237,7 @@ def _sizes(structure) -> tuple:
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=()) -> Plan:
+def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=(), markov=()) -> Plan:
     """Make the plan of one structure (see :func:`make_plan`); memoised, bounded.
 
     Builds the ordinal tree, then one :class:`Step` per non-empty ordinal, leaves first:
@@ -233,6 +247,9 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=()) -
     _STATS["searches"] += 1
     ordinals = dict(ordinals)
     scales = dict(scales)
+    markov = dict(markov)
+    state_of = {d: (p, i, role) for p, pairs in markov.items() for i, pair in enumerate(pairs)
+                for role, d in zip(("prev", "cur"), pair)}
 
     def scale_of(plates):
         return math.prod(scales.get(p, 1.0) for p in plates)
@@ -297,8 +314,34 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=()) -
         out_plates = tuple(p for p in plate_order if p in up or p == keep)
         in_dims = list(dict.fromkeys(d for _, dims, _ in items for d in dims))
         out_dims = () if P is None else tuple(d for d in in_dims if ordinal(ordinals[d]) <= up)
+        reduced = tuple(p for p in kept_plates if p not in out_plates)
+        chain, states = (), ()
+        summed_states = [d for d in in_dims if d in state_of and d not in out_dims]
+        if summed_states:
+            plates_m = sorted({state_of[d][0] for d in summed_states})
+            if len(plates_m) > 1 or plates_m[0] not in reduced:
+                raise TMCGraphError(
+                    f"Markov dims {summed_states} (plates {plates_m}) would be summed at a step that multiplies "
+                    f"out plates {list(reduced)}: a Markov plate's states must be summed where that plate is "
+                    "multiplied out (one Markov plate per step; states local to no other inner plate)")
+            pm = plates_m[0]
+            pairs = markov[pm]
+            used = sorted({state_of[d][1] for d in summed_states})
+            prevs = tuple(pairs[i][0] for i in used)
+            curs = tuple(pairs[i][1] for i in used)
+            missing = [d for d in prevs + curs if d not in in_dims]
+            if missing:
+                raise TMCGraphError(f"Markov plate {pm!r}: dims {missing} of its pairs are used by no factor of "
+                                    f"the step that multiplies it out (it uses {in_dims})")
+            if len({tuple(ordinals[d]) for d in prevs + curs}) > 1:
+                raise TMCGraphError(f"Markov plate {pm!r}: the states {list(curs)} of one chain need one ordinal")
+            states = prevs + curs
+            state_sizes = tuple(sizes[d] for d in curs)
+            rest = tuple(p for p in kept_plates if p != pm)
+            chain = (pm, len(out_dims), state_sizes, len(out_dims) + len(states) + kept_plates.index(pm))
+            reduce_after = tuple(len(out_dims) + rest.index(p) for p in reduced if p != pm)
         in_terms = [term(dims, plates) for _, dims, plates in items]
-        out_term = term(out_dims, kept_plates)
+        out_term = term(out_dims + states, kept_plates)
         eq = ",".join(in_terms) + "->" + out_term
         pairs, sliced, _, largest = slice_to_fit(optimizer, in_terms, out_term, sym_sizes, memory_limit, names)
         local = {c: (1 if c in sliced else n) for c, n in sym_sizes.items()}
@@ -311,13 +354,15 @@ def _cached_plan(structure, ordinals, keep, strategy, memory_limit, scales=()) -
         program = _program(pairs, in_terms, out_term, local)
         sl = tuple((names[c], sym_sizes[c], tuple(t.index(c) if c in t else None for t in in_terms))
                    for c in sliced)
-        reduced = tuple(p for p in kept_plates if p not in out_plates)
-        reduce_axes = tuple(len(out_dims) + kept_plates.index(p) for p in reduced)
+        if chain:
+            reduce_axes = reduce_after
+        else:
+            reduce_axes = tuple(len(out_dims) + kept_plates.index(p) for p in reduced)
         steps.append(
             Step(tuple(sorted(S)), tuple(i for i, _, _ in items), eq, info, reduce_axes, reduced, out_dims,
-                 out_plates, program, sl, int(largest), scale_of(reduced))
+                 out_plates, program, sl, int(largest), scale_of(reduced), chain)
         )
         if P is not None:
             pending[P].append((slot, out_dims, out_plates))
         slot += 1
-    return Plan(tuple(steps), len(structure), keep, strategy, memory_limit, scales.get(keep, 1.0))
+    return Plan(tuple(steps), len(structure), keep, strategy, memory_limit, scales.get(keep, 1.0), tuple(structure))

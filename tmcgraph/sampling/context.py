@@ -42,6 +42,9 @@ class Context:
         seed: An int (a private generator seeded with it, one per device used), a
             ``torch.Generator`` (used as it is, and advanced), or ``None`` (torch's
             global generator, as plain torch code would use).
+        memory_limit: Largest tensor (elements) sampling may allocate for a grid density
+            (the mixture couplings' ``K x K_parent`` grid is computed in chunks of
+            particles under it), or ``None``.
 
     Example:
         >>> import torch
@@ -52,11 +55,12 @@ class Context:
         (torch.float64, True, torch.float32)
     """
 
-    def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None):
+    def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None, memory_limit=None):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TMCGraphError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
+        self.memory_limit = None if memory_limit is None else int(memory_limit)
         self._generator = None
         self._seed = None
         if isinstance(seed, torch.Generator):

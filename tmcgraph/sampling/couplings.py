@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import TMCGraphError
 from ..model import Proposal, Variable
@@ -260,7 +261,7 @@ class Mixture(Coupling):
             if spec is not None:
                 s = site.samples
                 recipe = (spec, len(params), site.dim, tuple(site.plates), pdims,
-                          tuple(s.sizes[pd] for pd in pdims), tuple(site.pshape))
+                          tuple(s.sizes[pd] for pd in pdims), tuple(site.pshape), site.ctx.memory_limit)
                 return z, Deferred(_mixture_log_q, recipe, tuple(params) + (z,))
         return z, self._reduce(site, grid, z, pdims)
 
@@ -275,7 +276,7 @@ class Mixture(Coupling):
         """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)`` from the grid-layout distribution."""
         s = site.samples
         return _mixture_reduce(grid, z, site.dim, tuple(site.plates), pdims, [s.sizes[pd] for pd in pdims],
-                               site.pshape)
+                               site.pshape, site.ctx.memory_limit)
 
 
 class Permutation(Mixture):
@@ -366,7 +367,9 @@ class Joint(Paired):
     def dim(self, site: Site) -> tuple:
         q = site.proposal
         sampled = [q[n].plates for n in site.samples.order if not q[n].enumerate]
-        return self.dim_name, tuple(p for p in q.model.plates if all(p in pl for pl in sampled))
+        # Not local to a Markov plate: a joint sample is a whole trajectory along it.
+        return self.dim_name, tuple(p for p, P in q.model.plates.items()
+                                    if all(p in pl for pl in sampled) and not P.markov)
 
     def num_particles(self, var: Variable, K: int) -> int:
         if var.K is not None and var.K != K:
@@ -433,8 +436,29 @@ def get_coupling(spec, name: str = "?") -> Coupling:
     raise TMCGraphError(f"proposal for {name!r}: coupling must be a name or a Coupling instance, got {spec!r}")
 
 
-def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape) -> torch.Tensor:
-    """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)``: the grid-layout density of ``z``, averaged over parents."""
+def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape, memory_limit=None) -> torch.Tensor:
+    """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)``: the grid-layout density of ``z``, averaged over parents.
+
+    With ``memory_limit`` (elements) the ``K x prod K_pa x plates`` grid is computed for
+    chunks of the particles ``z^k`` that fit (each chunk checkpointed under autograd).
+    """
+    K = z.shape[0]
+    per = math.prod(Kps) * math.prod(pshape)
+    step = K if memory_limit is None else max(1, min(K, int(memory_limit) // max(per, 1)))
+    if step >= K:
+        return _mixture_chunk(grid, z, dim, plates, pdims, Kps, pshape)
+    grad = torch.is_grad_enabled()
+    parts = []
+    for a in range(0, K, step):
+        zc = z.narrow(0, a, min(step, K - a))
+        if grad:
+            parts.append(checkpoint(_mixture_chunk, grid, zc, dim, plates, pdims, Kps, pshape, use_reentrant=False))
+        else:
+            parts.append(_mixture_chunk(grid, zc, dim, plates, pdims, Kps, pshape))
+    return torch.cat(parts, 0)
+
+
+def _mixture_chunk(grid, z, dim, plates, pdims, Kps, pshape) -> torch.Tensor:
     zg = place(z, (dim,), plates, (dim,) + tuple(pdims), plates)
     lg = grid.log_prob(zg)
     lg = lg.expand([z.shape[0]] + list(Kps) + list(pshape))  # Q may ignore a parent
@@ -444,8 +468,8 @@ def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape) -> torch.Tensor:
 
 def _mixture_log_q(recipe, *tensors) -> torch.Tensor:
     """A deferred mixture density: the grid distribution rebuilt from its parameters, then reduced."""
-    spec, n, dim, plates, pdims, Kps, pshape = recipe
-    return _mixture_reduce(unflatten(spec, tensors[:n]), tensors[n], dim, plates, pdims, Kps, pshape)
+    spec, n, dim, plates, pdims, Kps, pshape, limit = recipe
+    return _mixture_reduce(unflatten(spec, tensors[:n]), tensors[n], dim, plates, pdims, Kps, pshape, limit)
 
 
 def _with_params(proposal: Proposal, detach: bool, fn):

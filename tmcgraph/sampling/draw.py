@@ -20,6 +20,7 @@ from ..particles import Samples
 from .context import Context
 from .couplings import Across, Coupling, Enumerated, Site, get_coupling
 from .data import bind_data
+from .markov import _init_var, draw_markov, markov_log_density
 
 __all__ = ["draw", "proposal_log_q", "couplings_of"]
 
@@ -97,7 +98,13 @@ def draw(
                     [plate_sizes[p] for p in q.plates], ctx, detach=detach_proposal, defer=defer)
         dim, ordinal = coupling.dim(site)
         site.dim = dim
-        z, log_q = coupling.sample(site)
+        if q.prev and q.enumerate:  # the support does not depend on previous values
+            site.var = _init_var(q)
+            z, log_q = coupling.sample(site)
+        elif q.prev:
+            z, log_q = draw_markov(Site, name, q, proposal, s, coupling, site.K, dim, ordinal, ctx, detach_proposal)
+        else:
+            z, log_q = coupling.sample(site)
         s.values[name] = z
         s.dims[name] = dim
         s.sizes[dim] = int(z.shape[0])
@@ -132,6 +139,11 @@ def proposal_log_q(proposal: Proposal, samples: Samples, name: str, detach_param
         raise TMCGraphError(f"unknown latent {name!r}; the latents are {list(samples.values)}")
     q = proposal[name]
     z = samples.values[name]
+    ctx = ctx or Context()
+    if q.prev and not q.enumerate:
+        d = samples.dims[name]
+        return markov_log_density(Site, name, q, proposal, samples, samples.couplings[name], z, d,
+                                  samples.ordinals[d], ctx, detach_params)
     site = Site(name, q, proposal, samples, int(z.shape[0]), q.plates,
-                [samples.plate_sizes[p] for p in q.plates], ctx or Context(), samples.dims[name], detach_params)
+                [samples.plate_sizes[p] for p in q.plates], ctx, samples.dims[name], detach_params)
     return samples.couplings[name].log_density(site, z)
