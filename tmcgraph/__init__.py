@@ -15,23 +15,29 @@ loaders), :mod:`tmcgraph.contrib` (process-level tuning).
 from .errors import TMCGraphError
 from .infer import (
     IWAE,
+    MPRWS,
+    MPVI,
+    QEM,
     RWS,
     SMC,
     TMC,
     VAE,
     Evaluation,
+    MeanFieldNormal,
     Posterior,
     diagnose,
+    fit,
     log_evidence,
     marginal_ess,
     objective,
     posterior,
     predictive_log_likelihood,
+    subsample,
     weight_ess,
 )
 from .model import Model, Plate, Proposal
 from .ops import Factor, FactorGraph, brute_force
-from .sampling import Mixture, Paired, Permutation
+from .sampling import Group, Mixture, Paired, Permutation
 
 __version__ = "0.1.0"
 
@@ -43,6 +49,7 @@ __all__ = [
     "Paired",
     "Mixture",
     "Permutation",
+    "Group",
     "TMC",
     "IWAE",
     "VAE",
@@ -57,6 +64,12 @@ __all__ = [
     "weight_ess",
     "RWS",
     "SMC",
+    "fit",
+    "MPVI",
+    "MPRWS",
+    "QEM",
+    "MeanFieldNormal",
+    "subsample",
     "Factor",
     "FactorGraph",
     "brute_force",

@@ -137,7 +137,7 @@ def _bind_indices(model: Model, plate: str, name: str, out: dict, sizes: dict, c
         raise TMCGraphError(
             f"plate {plate!r} is subsampled (full size {N}) and the data have {sizes[plate]} elements along "
             f"it: give their indices as data[{name!r}] (integers in [0, {N})), e.g. with "
-            f"tmcgraph.infer.subsample.subsample(model, data, {{{plate!r}: idx}})"
+            f"tg.subsample(model, data, {{{plate!r}: idx}})"
         )
     sizes[plate] = N
     out[name] = ctx.to(torch.arange(N))
