@@ -19,7 +19,7 @@ Compilation policy (the estimators' ``compile=`` option):
   its eager calls have taken reaches the estimated cost of compiling it
   (:data:`COMPILE_SECONDS` + :data:`COMPILE_SECONDS_PER_FACTOR` per factor, measured on
   this engine: about 3 s for the Gaussian toy, 29 s for a 50-latent chain, 100 s for 200
-  latents), then compiles. Whatever the speed-up, the total time is then at most about
+  latents; each element of a Markov plate counts as a factor), then compiles. Whatever the speed-up, the total time is then at most about
   twice that of the better of "always eager" and "compile at once"; a program called a
   handful of times, or cheap per call (as in most tests), never pays for a compile.
 
@@ -108,6 +108,19 @@ def _cast(build, dtype):
     return cast
 
 
+def _chain_elements(plan) -> int:
+    """Elements of the Markov plates a plan multiplies out as chains.
+
+    A Markov program's compile time grows with its plate's length as an unrolled chain's
+    does (about 100 s at T = 200 on this engine, though it has only a few factors), so
+    each element counts as a factor in the compile-cost estimate.
+    """
+    sizes = {}
+    for dims, plates, shape in plan.structure:
+        sizes.update(zip(tuple(dims) + tuple(plates), shape))
+    return sum(int(sizes.get(s.markov[0], 0)) for s in plan.steps if s.markov)
+
+
 def _fresh(fn, name: str):
     """``fn`` with its own code object, so torch.compile keeps a separate cache for it."""
     code = fn.__code__.replace(co_name=name)
@@ -164,7 +177,7 @@ class Program:
     @property
     def compile_seconds(self) -> float:
         """The estimated cost of compiling this program (``compile="auto"``)."""
-        return COMPILE_SECONDS + COMPILE_SECONDS_PER_FACTOR * self.plan.n_inputs
+        return COMPILE_SECONDS + COMPILE_SECONDS_PER_FACTOR * (self.plan.n_inputs + _chain_elements(self.plan))
 
     @property
     def wants_compile(self) -> bool:

@@ -180,7 +180,13 @@ def _chain(r: torch.Tensor, spec) -> torch.Tensor:
     batch = x.shape[:n_out + len(rest)]
     x = x.reshape(*batch, x.shape[len(batch)], K, K)
     zero = x.new_zeros(K)
-    return log_chain_vector(zero, x, zero)
+    return _eager_chain(zero, x, zero)
+
+
+# The chain runs eagerly inside compiled programs: tracing it would unroll one call per
+# element (the recursion) or per level (the scan), so compile time would grow with T,
+# while each call is already one batched kernel.
+_eager_chain = torch.compiler.disable(log_chain_vector)
 
 
 def _step(step, ops, args) -> torch.Tensor:
