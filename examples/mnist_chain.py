@@ -8,7 +8,9 @@ Examples:
     torchrun --nproc_per_node=2 examples/mnist_chain.py --distributed --threads 1 --out /tmp/ddp
 
 Everything a run writes goes to ``--out``: ``metrics.jsonl`` and ``metrics.csv`` (one
-row per epoch: mean training objective, test IWAE and TMC bounds in nats per image,
+row per epoch: mean training objective in nats per image and, with
+``--full-data-bound`` (the default), ``train_full_data``, its estimate of
+log p(X_train) for the whole training set; test IWAE and TMC bounds in nats per image,
 seconds, steps), ``checkpoint.pt`` (every epoch, written atomically and read with
 ``weights_only=True``; ``--resume`` continues exactly), ``config.json``,
 ``learning_curves.png``, ``samples.png`` (images drawn from the generative model),
@@ -32,6 +34,23 @@ with ``--distributed`` each of N processes takes the shards s with s mod N equal
 rank (``--shards`` defaults to N and must be a multiple of it), which for S = N is the
 interleaved split of ``torch.utils.data.DistributedSampler``. A final batch with fewer
 than S images is skipped.
+
+The full-data bound. With ``--full-data-bound`` (the default) training uses the same
+networks with the ``"data"`` plate declared as a subsampled plate of the N training
+images (``mnist_vae.with_data_plate(model, proposal, size=N, subsample=True)``, the
+declaration of ``mnist_vae.build(..., size=N, subsample=True)``; N is known once the
+data are read, after any checkpoint is checked), and every shard is passed with its
+images' indices (:func:`tmcgraph.infer.subsample.subsample`): shard s, holding B_s of
+the batch's B images, gives V_s = (N / B_s) * (sum of its per-image estimates), an
+estimate of log p(X_train) in nats for the whole training set. The step's figure is
+sum_s (B_s / B) V_s = (N / B) * (sum of the batch's per-image estimates); the epoch's
+``train_full_data`` is the mean of the steps' figures. The optimised loss is kept the
+per-image mean, sum_s (B_s / B) * (-V_s / N), the same number as without the flag (up to
+one float rounding, none when N and B_s are powers of two), so gradients, Adam's steps
+and the trained weights are unchanged (the flag is not part of the checkpoint's
+configuration). ``--grad dregs``, which the engine refuses on subsampled plates, trains
+per image and forms the same figure as (N / B_s) times the shard's sum (identical, since
+every latent of the model is per image). Test bounds are always per image.
 """
 
 from __future__ import annotations
@@ -54,7 +73,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this che
 import tmcgraph as tg  # noqa: E402
 from tmcgraph.contrib import allocator, checkpoint  # noqa: E402
 from tmcgraph.data import mnist as mnist_data  # noqa: E402
-from tmcgraph.infer.objectives import GRADS, bound, objective  # noqa: E402
+from tmcgraph.infer.objectives import GRADS, Loss, bound, objective  # noqa: E402
+from tmcgraph.infer.subsample import is_subsampled, subsample  # noqa: E402
 from tmcgraph.models import mnist_vae  # noqa: E402
 from tmcgraph.sampling.couplings import COUPLINGS, DEFAULT  # noqa: E402
 from tmcgraph.sampling.samplers import draw_sample  # noqa: E402
@@ -123,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="output directory (default runs/<dataset>_<objective>_<grad>_<recognition>)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--full-data-bound", action=argparse.BooleanOptionalAction, default=True,
+                   help="also record train_full_data, the N/B-scaled minibatch estimate of log p(X_train) for all N "
+                        "training images, via a subsampled data plate (default on; training is unchanged)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and pictures")
     a = p.parse_args(argv)
@@ -217,26 +240,54 @@ def shards_of(ib: torch.Tensor, shards: int) -> list:
     return [ib[s::shards] for s in range(shards)]
 
 
+def shard_terms(est, data: dict, o: Loss, full_size: int) -> tuple:
+    """One shard's ``(loss, image_sum, full_data)`` from its :class:`Loss` ``o`` on ``data``.
+
+    * ``loss``: the shard's per-image mean loss (with graph), the quantity that is optimised.
+    * ``image_sum``: the sum of the shard's per-image estimates (detached).
+    * ``full_data``: (N / B_s) * ``image_sum``, the shard's estimate of log p(X_train) for
+      all N = ``full_size`` training images (detached).
+
+    On a subsampled plate (B_s < N) the engine returns the scalar V_s = (N / B_s) *
+    ``image_sum`` and ``o.loss = -V_s``: the loss is divided by N, which gives exactly the
+    per-image mean -``image_sum`` / B_s that the per-image model optimises. Otherwise (a
+    per-image model, or a shard holding all N images) ``o.value`` is per image and
+    ``o.loss`` already their negative mean.
+    """
+    images = len(data["x"])
+    if is_subsampled(est.model, data):
+        full = o.value.detach()
+        return o.loss / full_size, full * (images / full_size), full
+    image_sum = o.value.detach().sum()
+    return o.loss, image_sum, image_sum * (full_size / images)
+
+
 class TrainStep(nn.Module):
     """The objective of one process's shards as a module (what DistributedDataParallel wraps).
 
-    ``forward(pieces)`` takes ``[(x, seed, weight), ...]`` and returns the weighted sum
-    of the shards' losses (minus their mean estimates) and the sum of their per-image
-    estimates, the latter detached.
+    ``forward(pieces)`` takes ``[(data, seed, weight), ...]``, one entry per shard with
+    ``weight`` = B_s / B (its share of the global batch), and returns three sums over
+    the shards (the last two detached): the weighted per-image mean losses, the per-image
+    estimates, and the weighted full-data estimates ``weight * (N / B_s) * (shard sum)``
+    (see :func:`shard_terms`). Over all shards of a batch, on whichever processes they
+    run, these add up to the batch's mean loss, its sum of per-image estimates and its
+    figure (N / B) * (that sum).
     """
 
-    def __init__(self, model, proposal, est, grad: str):
+    def __init__(self, model, proposal, est, grad: str, full_size: int):
         super().__init__()
         self.model, self.proposal = model, proposal
-        self.est, self.grad = est, grad
+        self.est, self.grad, self.full_size = est, grad, full_size
 
     def forward(self, pieces):
-        loss, total = 0.0, 0.0
-        for x, seed, weight in pieces:
-            o = objective(self.est, {"x": x}, self.grad, seed=seed)
-            loss = loss + weight * o.loss
-            total = total + o.value.detach().sum()
-        return loss, total
+        loss, total, full = 0.0, 0.0, 0.0
+        for data, seed, weight in pieces:
+            o = objective(self.est, data, self.grad, seed=seed)
+            shard_loss, image_sum, shard_full = shard_terms(self.est, data, o, self.full_size)
+            loss = loss + weight * shard_loss
+            total = total + image_sum
+            full = full + weight * shard_full
+        return loss, total, full
 
 
 def evaluate(model, proposal, x: torch.Tensor, K: int, batch_size: int, seed: int, device=None,
@@ -286,8 +337,8 @@ def _jsonl(f, metrics):
 
 
 def _csv(f, metrics):
-    if metrics:
-        w = csv.DictWriter(f, fieldnames=list(metrics[0]))
+    if metrics:  # columns: every key of any row (a resumed run may add or drop train_full_data), first seen first
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in metrics for k in r)), restval="")
         w.writeheader()
         w.writerows(metrics)
 
@@ -451,23 +502,30 @@ def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
     device = ranks.device
     with torch.random.fork_rng(devices=[]):  # initial weights from --seed; torch's global RNG is left as it was
         torch.manual_seed(a.seed)
-        model, proposal = mnist_vae.build(a.recognition, a.coupling)
+        model, proposal = mnist_vae.build(a.recognition, a.coupling)  # per image: evaluation, pictures, checkpoints
     model.to(device)
     proposal.to(device)
-    est = OBJECTIVES[a.objective](model, proposal, K=a.K, device=device)
     params = list(model.parameters()) + list(proposal.parameters())
     opt = torch.optim.Adam(params, lr=a.lr)
     shuffle = torch.Generator().manual_seed(a.seed + 1)
     metrics, start = [], 0
-    if a.resume:
+    if a.resume:  # a checkpoint is checked before the data are read
         metrics, start = _load_checkpoint(ckpt_path, config, model, proposal, opt, shuffle)
     data = mnist_data.load_mnist(a.data, download=not a.no_download, dataset=a.dataset)
     train_x = data.train_x[: a.limit_train]
     test_x = data.test_x[: a.limit_test]
+    N = len(train_x)
+    train_model, train_proposal = model, proposal
+    # the same networks with "data" a subsampled plate of the N training images (what
+    # mnist_vae.build(..., size=N, subsample=True) declares); DReGs, which the engine refuses
+    # on subsampled plates, trains per image (see shard_terms)
+    if a.full_data_bound and a.grad != "dregs":
+        train_model, train_proposal = mnist_vae.with_data_plate(model, proposal, size=N, subsample=True)
+    est = OBJECTIVES[a.objective](train_model, train_proposal, K=a.K, device=device)
     if a.binarize:
         test_x = mnist_data.binarize(test_x, torch.Generator().manual_seed(0))
     test_x = test_x.to(device)
-    step_module = TrainStep(model, proposal, est, a.grad)
+    step_module = TrainStep(train_model, train_proposal, est, a.grad, N)
     if ranks.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -476,7 +534,8 @@ def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "config.json", "w") as f:
             json.dump({**config, "epochs": a.epochs, "device": a.device, "threads": torch.get_num_threads(),
-                       "processes": ranks.world}, f, indent=1)
+                       "processes": ranks.world, "full_data_bound": a.full_data_bound, "train_images": N}, f,
+                      indent=1)
     label = f"{a.dataset} {a.objective.upper()}"
     mine = [s for s in range(a.shards) if s % ranks.world == ranks.rank]
 
@@ -489,23 +548,32 @@ def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
                if len(ib) >= a.shards]
         bar = tqdm(idx, desc=f"epoch {epoch}/{a.epochs}", disable=a.no_progress or not ranks.main, leave=False,
                    file=sys.stderr)
-        run_sum, run_n = 0.0, 0
+        run_sum, run_n, full_sum = 0.0, 0, 0.0
         for step, ib in enumerate(bar):
             parts = shards_of(ib, a.shards)
-            pieces = [(xs[parts[s]].to(device), particle_seed(a.seed, epoch, step, s), len(parts[s]) / len(ib))
-                      for s in mine]
+            pieces = []
+            for s in mine:
+                shard = {"x": xs[parts[s]].to(device)}
+                if est.model.plates["data"].subsample:  # with its images' indices among the N
+                    shard = subsample(est.model, shard, {"data": parts[s].to(device)}, sliced=True)
+                pieces.append((shard, particle_seed(a.seed, epoch, step, s), len(parts[s]) / len(ib)))
             opt.zero_grad(set_to_none=True)
             if a.grad == "dregs":  # two losses with their own parameter groups: back-propagated shard by shard
-                total = 0.0
-                for x, seed, w in pieces:
-                    o = objective(est, {"x": x}, a.grad, seed=seed)
+                total, full = 0.0, 0.0
+                for shard, seed, w in pieces:
+                    o = objective(est, shard, a.grad, seed=seed)
+                    _, image_sum, shard_full = shard_terms(est, shard, o, N)
                     o.loss, o.proposal_loss = w * o.loss, w * o.proposal_loss
                     o.backward()
-                    total += float(o.value.detach().sum())
+                    total += float(image_sum)
+                    full += w * float(shard_full)
             else:
-                loss, total = step_module(pieces)
+                # loss: the per-image mean over this process's shards (a subsampled shard's N / B_s-scaled
+                # objective divided by N in shard_terms), so the gradients are those of the per-image model
+                loss, total, full = step_module(pieces)
                 (loss * ranks.world).backward()  # DistributedDataParallel averages gradients over processes
-            total, finite = ranks.sum([float(total), float(math.isfinite(float(total)))])
+            ok = math.isfinite(float(total)) and math.isfinite(float(full))
+            total, full, finite = ranks.sum([float(total), float(full), float(ok)])
             if finite < ranks.world or not math.isfinite(total):
                 raise tg.TMCGraphError(
                     f"non-finite training objective at epoch {epoch}, step {step}; nothing saved for this epoch"
@@ -513,15 +581,20 @@ def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
             opt.step()
             run_sum += total
             run_n += len(ib)
+            full_sum += full
             bar.set_postfix(objective=f"{run_sum / run_n:.2f}")
         train_time = time.perf_counter() - t0
         ev = evaluate(model, proposal, test_x, config["eval_K"], a.eval_batch_size, seed=10_000 * epoch,
                       device=device, ranks=ranks)
-        rec = {"epoch": epoch, "train_objective": run_sum / max(run_n, 1), "test_iwae": ev["iwae"],
-               "test_tmc": ev["tmc"], "train_seconds": train_time, "steps": len(idx)}
+        rec = {"epoch": epoch, "train_objective": run_sum / max(run_n, 1)}
+        if a.full_data_bound:  # the mean over the epoch's steps of (N / B) * (the batch's sum), nats for all N
+            rec["train_full_data"] = full_sum / max(len(idx), 1)
+        rec.update({"test_iwae": ev["iwae"], "test_tmc": ev["tmc"], "train_seconds": train_time, "steps": len(idx)})
         metrics.append(rec)
         if ranks.main:
-            print(f"epoch {epoch}: train {rec['train_objective']:.2f}  test IWAE {ev['iwae']:.2f}  "
+            full_text = (f" nats/image ({rec['train_full_data']:.1f} nats for all {N} training images)"
+                         if a.full_data_bound else "")
+            print(f"epoch {epoch}: train {rec['train_objective']:.2f}{full_text}  test IWAE {ev['iwae']:.2f}  "
                   f"test TMC {ev['tmc']:.2f} nats/image  ({train_time:.1f} s, {len(idx) / train_time:.2f} steps/s)",
                   flush=True)
             _write_metrics(out, metrics)

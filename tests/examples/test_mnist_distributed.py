@@ -7,7 +7,10 @@ particles of shard s at step t of epoch e are drawn with the seed derived from
 losses by shard size / global batch size and DistributedDataParallel averages the
 gradients, so the update is the gradient of the mean per-image estimate over the
 global batch. The reference below is a plain single-process loop written from that
-definition (no DDP, one backward of the global mean).
+definition (no DDP, one backward of the global mean). The runs use the default
+``--full-data-bound`` (a subsampled data plate, each shard scaled by N / B_s); the
+reference uses the per-image model and forms the full-data figure, (N / B) times the
+batch's sum of per-image estimates, by hand.
 """
 
 import gzip
@@ -93,7 +96,11 @@ def torchrun(wrapper, argv, cwd):
 
 
 def reference(d, epochs: int) -> list:
-    """Plain single-process training on the global batches, written from the definition; weights after each epoch."""
+    """Plain single-process training on the global batches, written from the definition.
+
+    Returns the weights after each epoch, each epoch's mean over steps of (N / B) * (the
+    batch's sum of per-image estimates), and the trained model and proposal.
+    """
     ex = load_example()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -102,17 +109,20 @@ def reference(d, epochs: int) -> list:
     opt = torch.optim.Adam(list(model.parameters()) + list(proposal.parameters()), lr=1e-3)
     shuffle = torch.Generator().manual_seed(SEED + 1)
     xs = mnist_data.load_mnist(d, download=False).train_x
-    out = []
+    out, full = [], []
     for epoch in range(1, epochs + 1):
+        figures = []
         for step, ib in enumerate(mnist_data.batches(len(xs), BATCH, shuffle=True, generator=shuffle)):
             values = [objective(est, {"x": xs[ib[s::2]]}, "reparam", seed=ex.particle_seed(SEED, epoch, step, s)).value
                       for s in range(2)]
             opt.zero_grad()
             (-torch.cat(values).mean()).backward()  # the mean over the global batch
             opt.step()
+            figures.append(len(xs) / len(ib) * float(torch.cat(values).detach().sum()))
         out.append({"model": {k: v.clone() for k, v in model.state_dict().items()},
                     "proposal": {k: v.clone() for k, v in proposal.state_dict().items()}})
-    return out, model, proposal
+        full.append(sum(figures) / len(figures))
+    return out, full, model, proposal
 
 
 def assert_close(a: dict, b: dict, atol=2e-5):
@@ -126,7 +136,7 @@ def test_two_gloo_processes_resume_and_train_like_one(tiny, tmp_path):
     d, wrapper = tiny
     ex = load_example()
     out = tmp_path / "run"
-    ref, model, proposal = reference(d, 2)
+    ref, ref_full, model, proposal = reference(d, 2)
 
     # epoch 1 in this process (2 shards) == the reference
     ex.main([*common(d, out, 1), "--shards", "2"])
@@ -143,6 +153,10 @@ def test_two_gloo_processes_resume_and_train_like_one(tiny, tmp_path):
     assert_close(s2["state"], ref[1])
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [1, 2] and [r["steps"] for r in m] == [N_TRAIN // BATCH] * 2
+    # the full-data figure: shard s of the 2 processes scaled by N / B_s and weighted by B_s / B, summed over them
+    for r, want in zip(m, ref_full, strict=True):
+        assert r["train_full_data"] == pytest.approx(want, rel=1e-5)
+        assert r["train_full_data"] == pytest.approx(N_TRAIN * r["train_objective"], rel=1e-6)  # equal batches
     # the test bounds (evaluation batches split over the processes) equal a one-process evaluation
     test_x = mnist_data.load_mnist(d, download=False).test_x[:24]
     ev = ex.evaluate(model, proposal, test_x, K, 8, seed=10_000 * 2)

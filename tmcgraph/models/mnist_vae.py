@@ -32,12 +32,19 @@ code does the same; it is not a normalised density for non-binary x).
 
 Every network receives its parent in the engine's layout ``[sample dims..., batch,
 features]`` and acts on the last axis, so it runs once per parent particle.
+
+The data plate: by default ``"data"`` takes its size from each call (a minibatch of
+images, one estimate per image). ``build(..., size=N, subsample=True)`` declares it
+as a subsampled plate of the N training images (:mod:`tmcgraph.infer.subsample`): a call
+then gives B of them with their indices ``data_index``, and the estimate is the N / B
+scaled one for the whole training set. :func:`with_data_plate` gives the same networks
+under the other declaration (e.g. per-image evaluation of a model trained subsampled).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +70,7 @@ __all__ = [
     "generative_model",
     "recognition_model",
     "build",
+    "with_data_plate",
     "reconstruct",
     "std_nonlin",
     "n_parameters",
@@ -262,10 +270,28 @@ def _names():
     return [f"z{i + 1}" for i in range(len(LATENT_SIZES))]
 
 
-def generative_model() -> Model:
-    """The generative model P over ``z5 -> z4 -> z3 -> z2 -> z1 -> x`` in plate ``"data"``."""
+def _data_plate(m: Model, size: Optional[int], subsample: bool, where: str) -> None:
+    """Declare plate ``"data"`` on ``m``: per call (``size=None``), fixed, or subsampled of full size ``size``."""
+    if subsample and size is None:
+        raise TMCGraphError(f"{where}: subsample=True needs size=N, the full number of images of the 'data' plate")
+    m.plate("data", size=size, subsample=subsample)
+
+
+def generative_model(size: Optional[int] = None, subsample: bool = False) -> Model:
+    """The generative model P over ``z5 -> z4 -> z3 -> z2 -> z1 -> x`` in plate ``"data"``.
+
+    Args:
+        size: Size of the ``"data"`` plate: ``None`` (default) takes it from each call;
+            with ``subsample=True`` it is the full number N of images.
+        subsample: Declare ``"data"`` as a subsampled plate of N images: a call gives B
+            of them with their indices ``data_index``, and every image's contribution
+            is scaled by N / B (:mod:`tmcgraph.infer.subsample`).
+
+    Raises:
+        TMCGraphError: ``subsample=True`` without ``size``.
+    """
     m = Model()
-    m.plate("data", size=None)
+    _data_plate(m, size, subsample, "generative_model")
     names = _names()
     top = len(LATENT_SIZES) - 1
     m.latent(names[top], TopPrior(LATENT_SIZES[top]), plate="data", parents=[])
@@ -304,10 +330,53 @@ def recognition_model(model: Model, kind: str = "small", coupling=None) -> Propo
     return q
 
 
-def build(recognition: str = "small", coupling=None):
-    """``(model, proposal)``: the generative model and a recognition model of kind ``recognition``."""
-    m = generative_model()
+def build(recognition: str = "small", coupling=None, size: Optional[int] = None, subsample: bool = False):
+    """``(model, proposal)``: the generative model and a recognition model of kind ``recognition``.
+
+    Args:
+        recognition: ``"factorised"``, ``"small"`` or ``"large"``.
+        coupling: Coupling of the non-factorised recognition layers (``None``: the
+            engine's default).
+        size: Size of the ``"data"`` plate (``None``: from each call); the full number
+            of images with ``subsample=True``.
+        subsample: Declare ``"data"`` subsampled (see :func:`generative_model`).
+    """
+    m = generative_model(size, subsample)
     return m, recognition_model(m, recognition, coupling)
+
+
+def with_data_plate(model: Model, proposal: Proposal, size: Optional[int] = None, subsample: bool = False):
+    """The same networks under another declaration of the ``"data"`` plate.
+
+    Returns a new ``(model, proposal)`` whose variables have the callables, parents and
+    couplings of ``model`` and ``proposal`` (the ``nn.Module`` objects themselves, so
+    every parameter is shared and the state dicts have the same keys) in a ``"data"``
+    plate declared with ``size`` and ``subsample`` as in :func:`generative_model`. A
+    subsampled plate's index variable is dropped or declared as the new plate requires.
+
+    Args:
+        model: A generative model of this module (:func:`generative_model`).
+        proposal: Its recognition model (:func:`recognition_model`).
+        size: Size of the new ``"data"`` plate (``None``: from each call).
+        subsample: Whether the new plate is subsampled (``size`` is then required).
+
+    Example:
+        >>> m, q = build("small", size=60000, subsample=True)   # trained on minibatches
+        >>> pm, pq = with_data_plate(m, q)                      # evaluated per image
+        >>> pm["x"].fn is m["x"].fn
+        True
+    """
+    m = Model()
+    _data_plate(m, size, subsample, "with_data_plate")
+    for name, v in model.variables.items():
+        if v.index_of is not None:  # the old plate's element indices
+            continue
+        declare = m.latent if v.kind == "latent" else m.observed
+        declare(name, v.fn, plate="data", parents=list(v.parents))
+    q = Proposal(m)
+    for name, v in proposal.variables.items():
+        q.latent(name, v.fn, plate="data", parents=list(v.parents), coupling=v.coupling, K=v.K)
+    return m, q
 
 
 @torch.no_grad()
