@@ -19,9 +19,10 @@ Compilation policy (the estimators' ``compile=`` option):
   its eager calls have taken reaches the estimated cost of compiling it
   (:data:`COMPILE_SECONDS` + :data:`COMPILE_SECONDS_PER_FACTOR` per factor, measured on
   this engine: about 3 s for the Gaussian toy, 29 s for a 50-latent chain, 100 s for 200
-  latents; each element of a Markov plate counts as a factor), then compiles. Whatever the speed-up, the total time is then at most about
-  twice that of the better of "always eager" and "compile at once"; a program called a
-  handful of times, or cheap per call (as in most tests), never pays for a compile.
+  latents; each element of a Markov plate counts as a factor), then compiles. Whatever
+  the speed-up, the total time is then at most about twice that of the better of
+  "always eager" and "compile at once"; a program called a handful of times, or cheap
+  per call (as in most tests), never pays for a compile.
 
 If compilation or the compiled call fails (e.g. no working C++ compiler for inductor),
 the program warns once (:class:`CompileWarning`), falls back to eager execution for
