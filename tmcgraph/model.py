@@ -78,6 +78,8 @@ class Variable:
             at the plate's first element, where there is no previous value.
         prev: ``<u>_prev`` parent -> ``u`` (the variable whose previous value it is).
         markov: The Markov plate of a variable with ``prev`` parents, else ``None``.
+        K_steps: Proposal only: particles per element along the latent's Markov plate
+            (``K=[k_0, ..., k_{T-1}]``; ``K`` is then their maximum), or ``None``.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Variable:
     init: Optional["Variable"] = None
     prev: dict = field(default_factory=dict)
     markov: Optional[str] = None
+    K_steps: Optional[tuple] = None
 
     def dist(self, values: dict) -> torch.distributions.Distribution:
         """Call ``fn`` with the parent values taken from ``values``."""
@@ -480,10 +483,20 @@ class Proposal(_Declared):
                 f"(tmcgraph.sampling.couplings), got {coupling!r}"
             )
 
-    @staticmethod
-    def _check_K(name, K):
-        if K is not None and (int(K) != K or K < 1):
+    def _check_K(self, name, K):
+        """``(K, K_steps)``: a per-latent K, or per-element counts along the latent's Markov plate."""
+        if isinstance(K, (list, tuple)):
+            markov = [p for p in self.model[name].plates if self.model.plates[p].markov]
+            if not markov:
+                raise TMCGraphError(f"proposal for {name!r}: a K per element needs a Markov plate; {name!r} lies "
+                                    f"in plates {list(self.model[name].plates)}")
+            steps = tuple(K)
+            if not steps or any(isinstance(k, bool) or int(k) != k or k < 1 for k in steps):
+                raise TMCGraphError(f"proposal for {name!r}: per-element K must be positive integers, got {K!r}")
+            return max(int(k) for k in steps), tuple(int(k) for k in steps)
+        if K is not None and (isinstance(K, bool) or int(K) != K or K < 1):
             raise TMCGraphError(f"proposal for {name!r}: K must be a positive integer, got {K!r}")
+        return K, None
 
     def latent(
         self,
@@ -513,7 +526,10 @@ class Proposal(_Declared):
                 (needs equal K); its density is Q(z^k | z_pa^k); cheaper, but in TMC only
                 consistent index paths carry weight, so tightly coupled chains lose most
                 of the K^n combinations. Names are checked when an estimator is built.
-            K: Particles for this latent (default: the estimator's K).
+            K: Particles for this latent (default: the estimator's K). In a Markov plate
+                it may be a list, one count per element: ``max(K)`` particles are drawn
+                at every element and those beyond element t's count carry no weight
+                (the estimator averages over ``K_t`` particles there).
             init: Markov plates: Q at the first element when ``fn`` takes previous
                 values (``<u>_prev`` parents, as in :meth:`Model.latent`). With its own
                 previous value ``<name>_prev`` the latent is drawn element by element
@@ -522,11 +538,11 @@ class Proposal(_Declared):
         """
         plates = self._check_name(name, plate)
         self._check_coupling(name, coupling)
-        self._check_K(name, K)
+        K, steps = self._check_K(name, K)
         ps, kw = _parents_of(name, fn, parents)
         prev, markov, init_var = _markov_parents(self, name, ps, plates, init, "proposal for")
         self._register(Variable(name, fn, ps, plates, "proposal", kw, coupling, K, init=init_var, prev=prev,
-                                markov=markov))
+                                markov=markov, K_steps=steps))
 
     def prior(self, name: str, coupling=None, K: Optional[int] = None) -> None:
         """Sample latent ``name`` from its prior P(z | parents) with the given coupling.
@@ -537,10 +553,10 @@ class Proposal(_Declared):
         v = self.model[name] if name in self.model else None
         self._check_name(name, None)
         self._check_coupling(name, coupling)
-        self._check_K(name, K)
+        K, steps = self._check_K(name, K)
         self._register(
             Variable(name, v.fn, v.parents, v.plates, "proposal", v.by_keyword, coupling, K, prior=True,
-                     init=v.init, prev=dict(v.prev), markov=v.markov)
+                     init=v.init, prev=dict(v.prev), markov=v.markov, K_steps=steps)
         )
 
     def enumerate(self, name: str) -> None:

@@ -391,3 +391,51 @@ def test_compiled_program_equals_brute_force_on_the_same_particles(kind):
         want = brute_force(factor_graph(m, ev.samples.materialize()))
         assert torch.allclose(ev.log_evidence, want, rtol=1e-10)
     assert est.programs.info()["compiled"] == 1
+
+
+@pytest.mark.parametrize("kind", ["factorised", "mixture", "permutation", "prior"])
+def test_per_element_K_is_unbiased_against_kalman(kind):
+    T, R = 6, 3000
+    ks = [2, 5, 3, 1, 4, 3]
+    x = 1.5 * torch.randn(T, generator=torch.Generator().manual_seed(3), dtype=D)
+    m = ssm(T, reps=R)
+    q = tg.Proposal(m)
+    if kind == "prior":
+        q.prior("z", coupling="mixture", K=ks)
+    elif kind == "factorised":
+        q.latent("z", lambda x: Normal(0.6 * x, 0.8), K=ks)
+    else:
+        q.latent("z", lambda z_prev, x: Normal(0.5 * z_prev + 0.4 * x, 0.7), init=lambda x: Normal(0.6 * x, 0.8),
+                 coupling=kind, K=ks)
+    est = tg.TMC(m, q, dtype=D)
+    v = est.log_evidence({"x": x.expand(R, T)}, seed=11, elementwise=True)
+    assert_unbiased(v, kalman_log_evidence(x))
+
+
+def test_per_element_K_gives_unweighted_particles_no_posterior_mass():
+    T = 4
+    ks = [3, 1, 4, 2]
+    x = torch.randn(T, generator=torch.Generator().manual_seed(0), dtype=D)
+    m = ssm(T)
+    q = tg.Proposal(m)
+    q.latent("z", lambda z_prev, x: Normal(0.5 * z_prev + 0.4 * x, 0.7), init=lambda x: Normal(0.6 * x, 0.8),
+             coupling="mixture", K=ks)
+    est = tg.TMC(m, q, dtype=D)
+    post = tg.posterior(est, {"x": x}, seed=0)
+    marg = post.marginal("z")  # [max K, T]
+    assert marg.shape == (4, T)
+    for t, k in enumerate(ks):
+        assert float(marg[k:, t].sum()) == 0.0 and abs(float(marg[:k, t].sum()) - 1) < 1e-12
+    # the estimate equals brute force over the weighted particles only
+    s = post.samples
+    g = factor_graph(m, s)
+    assert torch.allclose(est.log_evidence(samples=s), brute_force(g), rtol=1e-12)
+    with pytest.raises(TMCGraphError, match="needs a Markov plate"):
+        mm = tg.Model()
+        mm.plate("data", size=2)
+        mm.latent("a", lambda: Normal(0.0, 1.0), plate="data")
+        tg.Proposal(mm).prior("a", K=[1, 2])
+    with pytest.raises(TMCGraphError, match="per-element counts"):
+        q2 = tg.Proposal(m)
+        q2.prior("z", K=[2, 2])
+        tg.TMC(m, q2).log_evidence({"x": x})

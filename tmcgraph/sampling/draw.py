@@ -20,7 +20,7 @@ from ..particles import Samples
 from .context import Context
 from .couplings import Across, Coupling, Enumerated, Site, get_coupling
 from .data import bind_data
-from .markov import _init_var, draw_markov, markov_log_density
+from .markov import _init_var, check_counts, draw_markov, markov_log_density, per_element_counts
 
 __all__ = ["draw", "proposal_log_q", "couplings_of"]
 
@@ -98,6 +98,8 @@ def draw(
                     [plate_sizes[p] for p in q.plates], ctx, detach=detach_proposal, defer=defer)
         dim, ordinal = coupling.dim(site)
         site.dim = dim
+        if q.K_steps is not None:
+            check_counts(q, model.plates, plate_sizes)
         if q.prev and q.enumerate:  # the support does not depend on previous values
             site.var = _init_var(q)
             z, log_q = coupling.sample(site)
@@ -105,6 +107,8 @@ def draw(
             z, log_q = draw_markov(Site, name, q, proposal, s, coupling, site.K, dim, ordinal, ctx, detach_proposal)
         else:
             z, log_q = coupling.sample(site)
+        if q.K_steps is not None:
+            log_q = per_element_counts(q, model.plates, log_q, plate_sizes)
         s.values[name] = z
         s.dims[name] = dim
         s.sizes[dim] = int(z.shape[0])

@@ -23,13 +23,15 @@ given the previous particles, e.g. ``(1/K) sum_j Q(z_t^k | z_{t-1}^j)`` for the 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from ..errors import TMCGraphError
 from ..particles import Deferred, Samples
 
-__all__ = ["prev_dim", "markov_view", "prev_pairs", "draw_markov", "markov_log_density"]
+__all__ = ["prev_dim", "markov_view", "prev_pairs", "draw_markov", "markov_log_density", "per_element_counts",
+           "check_counts"]
 
 
 def prev_dim(dim: str) -> str:
@@ -154,8 +156,10 @@ def draw_markov(Site, name, q, proposal, s: Samples, coupling, K: int, dim: str,
         z1, lq1 = coupling.sample(_site(Site, name, q, proposal, view, K, plates, ctx, dim, detach))
         return torch.cat([z0, z1], ax), torch.cat([lq0, lq1], ax)
     zs, lqs = [z0], [lq0]
+    steps = q.K_steps
     for t in range(1, T):
-        view = markov_view(s, plate, t, t + 1, others, {own: (zs[-1], name, dim, ordinal)})
+        prev = zs[-1] if steps is None else zs[-1].narrow(0, 0, steps[t - 1])  # only weighted particles
+        view = markov_view(s, plate, t, t + 1, others, {own: (prev, name, dim, ordinal)})
         z, lq = coupling.sample(_site(Site, name, q, proposal, view, K, plates, ctx, dim, detach))
         zs.append(z)
         lqs.append(lq)
@@ -176,8 +180,56 @@ def markov_log_density(Site, name, q, proposal, s: Samples, coupling, z: torch.T
     if T == 1:
         return lq0
     others = {p: u for p, u in q.prev.items() if u != name}
+    if q.K_steps is not None and name in q.prev.values():  # each element's parents: the weighted ones
+        lqs = [lq0]
+        for t in range(1, T):
+            prev = z.narrow(ax, t - 1, 1).narrow(0, 0, q.K_steps[t - 1])
+            view = markov_view(s, plate, t, t + 1, others, {f"{name}_prev": (prev, name, dim, ordinal)})
+            site = _site(Site, name, q, proposal, view, K, plates, ctx, dim, detach)
+            lqs.append(coupling.log_density(site, z.narrow(ax, t, 1)))
+        return torch.cat(lqs, ax)
     extra = {f"{name}_prev": (z.narrow(ax, 0, T - 1), name, dim, ordinal)} if name in q.prev.values() else {}
     view = markov_view(s, plate, 1, T, others, extra)
     site = _site(Site, name, q, proposal, view, K, plates, ctx, dim, detach)
     lq1 = coupling.log_density(site, z.narrow(ax, 1, T - 1))
     return torch.cat([lq0, lq1], ax)
+
+
+def check_counts(q, plates_info, plate_sizes) -> str:
+    """The Markov plate of a latent with a K per element; raises unless there is one count per element."""
+    plate = next(p for p in q.plates if plates_info[p].markov)
+    T = plate_sizes[plate]
+    if len(q.K_steps) != T:
+        raise TMCGraphError(f"proposal for {q.name!r}: K has {len(q.K_steps)} per-element counts but Markov plate "
+                            f"{plate!r} has {T} elements")
+    return plate
+
+
+def per_element_counts(q, plates_info, log_q, plate_sizes) -> torch.Tensor:
+    """``log_q`` of a latent with a K per element (``K=[k_0, ...]``) along its Markov plate.
+
+    ``max(K)`` particles were drawn at every element; at element ``t`` those with index
+    ``>= k_t`` get ``log q = +inf`` (their factor is ``-inf``: no weight) and the others
+    ``log q + log(k_t / max K)``, so that with the factor's ``-log max K`` the estimator
+    averages over the ``k_t`` weighted particles: ``-log k_t``.
+
+    Args:
+        q: The proposal declaration (``q.K_steps`` set).
+        plates_info: Plate name -> :class:`~tmcgraph.model.Plate` (to find the Markov one).
+        log_q: ``[max K, *plate sizes]`` densities.
+        plate_sizes: Plate name -> size.
+    """
+    if isinstance(log_q, Deferred):
+        log_q = log_q()
+    plate = check_counts(q, plates_info, plate_sizes)
+    T = plate_sizes[plate]
+    K = log_q.shape[0]
+    ax = 1 + q.plates.index(plate)
+    shape = [1] * log_q.dim()
+    shape[ax] = T
+    ks = torch.tensor(q.K_steps, dtype=log_q.dtype, device=log_q.device).reshape(shape)
+    shape = [1] * log_q.dim()
+    shape[0] = K
+    j = torch.arange(K, device=log_q.device).reshape(shape)
+    adj = torch.where(j < ks, torch.log(ks / K), torch.full_like(ks, math.inf))
+    return log_q + adj
