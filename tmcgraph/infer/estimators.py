@@ -130,7 +130,7 @@ class TMC:
 
     def context(self, seed=None) -> Context:
         """The execution context of one call (device, dtype, generator seeded from ``seed``)."""
-        return Context(self.device, self.dtype, seed, self.memory_limit)
+        return Context(self.device, self.dtype, seed, self.memory_limit, getattr(self, "split", None))
 
     def sample(self, data: dict, seed=None, detach_proposal: bool = False, defer: bool = False) -> Samples:
         """Draw particles for every latent (reproducible with ``seed``).

@@ -45,6 +45,8 @@ class Context:
         memory_limit: Largest tensor (elements) sampling may allocate for a grid density
             (the mixture couplings' ``K x K_parent`` grid is computed in chunks of
             particles under it), or ``None``.
+        split: ``(plate, chunk)`` of an estimator that splits a plate: grid densities
+            over that plate are computed in pieces no larger than a chunk's grid.
 
     Example:
         >>> import torch
@@ -55,12 +57,13 @@ class Context:
         (torch.float64, True, torch.float32)
     """
 
-    def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None, memory_limit=None):
+    def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None, memory_limit=None, split=None):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TMCGraphError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
         self.memory_limit = None if memory_limit is None else int(memory_limit)
+        self.split = None if split is None else (str(split[0]), int(split[1]))
         self._generator = None
         self._seed = None
         if isinstance(seed, torch.Generator):

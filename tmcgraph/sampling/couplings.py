@@ -261,7 +261,7 @@ class Mixture(Coupling):
             if spec is not None:
                 s = site.samples
                 recipe = (spec, len(params), site.dim, tuple(site.plates), pdims,
-                          tuple(s.sizes[pd] for pd in pdims), tuple(site.pshape), site.ctx.memory_limit)
+                          tuple(s.sizes[pd] for pd in pdims), tuple(site.pshape), _grid_limit(site))
                 return z, Deferred(_mixture_log_q, recipe, tuple(params) + (z,))
         return z, self._reduce(site, grid, z, pdims)
 
@@ -276,7 +276,7 @@ class Mixture(Coupling):
         """``log (1/prod K_pa) sum_j Q(z^k | z_pa^j)`` from the grid-layout distribution."""
         s = site.samples
         return _mixture_reduce(grid, z, site.dim, tuple(site.plates), pdims, [s.sizes[pd] for pd in pdims],
-                               site.pshape, site.ctx.memory_limit)
+                               site.pshape, _grid_limit(site))
 
 
 class Permutation(Mixture):
@@ -434,6 +434,19 @@ def get_coupling(spec, name: str = "?") -> Coupling:
             )
         return cls()
     raise TMCGraphError(f"proposal for {name!r}: coupling must be a name or a Coupling instance, got {spec!r}")
+
+
+def _grid_limit(site: Site):
+    """Largest grid (elements) a mixture density may build at once: the memory limit, or a split chunk's grid."""
+    limit = site.ctx.memory_limit
+    split = getattr(site.ctx, "split", None)
+    if split is not None and split[0] in site.plates:
+        n = site.pshape[list(site.plates).index(split[0])]
+        s = site.samples
+        grid = site.K * math.prod(s.sizes[s.dims[p]] for p in site.latent_parents) * math.prod(site.pshape)
+        chunked = max(1, grid * min(split[1], n) // max(n, 1))
+        limit = chunked if limit is None else min(limit, chunked)
+    return limit
 
 
 def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape, memory_limit=None) -> torch.Tensor:
