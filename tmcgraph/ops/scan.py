@@ -256,6 +256,19 @@ def choose_method(batch_size: int, max_states: int, n_mats: int) -> str:
     return "scan" if batch_size * max_states**2 <= AUTO_SCAN_ELEMENTS else "sequential"
 
 
+def _chain_inputs(init, mats, final, method):
+    """Checked ``(kind, mats, batch shape, K_first, K_last, n, largest K)`` of a chain with end vectors."""
+    if method not in _METHODS:
+        raise TMCGraphError(f"method must be one of {_METHODS}, got {method!r}")
+    kind, mats = _as_chain(mats)
+    batch, k0, kl, n, kmax = _chain_info(kind, mats)
+    _check_vector(init, "init", k0, "the first matrix's rows")
+    if final is not None:
+        _check_vector(final, "final", kl, "the last matrix's columns")
+    shapes = [batch, init.shape[:-1]] + ([] if final is None else [final.shape[:-1]])
+    return kind, mats, _batch_shape(shapes, "init, mats and final"), k0, kl, n, kmax
+
+
 def _vecmat(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``log(exp(v) @ exp(m))`` for ``v [..., I]``, ``m [..., I, J]``: the exact broadcast logsumexp.
 
@@ -304,15 +317,7 @@ def log_chain_vector(init: torch.Tensor, mats: Mats, final: Optional[torch.Tenso
         TMCGraphError: bad chain (see :func:`log_chain`), vectors whose state counts
             do not match the chain's ends, or an unknown ``method``.
     """
-    if method not in _METHODS:
-        raise TMCGraphError(f"method must be one of {_METHODS}, got {method!r}")
-    kind, mats = _as_chain(mats)
-    batch, k0, kl, n, kmax = _chain_info(kind, mats)
-    _check_vector(init, "init", k0, "the first matrix's rows")
-    if final is not None:
-        _check_vector(final, "final", kl, "the last matrix's columns")
-    shapes = [batch, init.shape[:-1]] + ([] if final is None else [final.shape[:-1]])
-    batch = _batch_shape(shapes, "init, mats and final")
+    kind, mats, batch, _, _, n, kmax = _chain_inputs(init, mats, final, method)
     if method == "auto":
         method = choose_method(math.prod(batch), kmax, n)
     if n == 0:
@@ -357,15 +362,7 @@ def log_chain_marginals(init: torch.Tensor, mats: Mats, final: Optional[torch.Te
             weight is zero or not finite (``log Z`` not finite) for some batch element,
             so that its distribution is undefined.
     """
-    if method not in _METHODS:
-        raise TMCGraphError(f"method must be one of {_METHODS}, got {method!r}")
-    kind, mats = _as_chain(mats)
-    batch, k0, kl, n, _ = _chain_info(kind, mats)
-    _check_vector(init, "init", k0, "the first matrix's rows")
-    if final is not None:
-        _check_vector(final, "final", kl, "the last matrix's columns")
-    shapes = [batch, init.shape[:-1]] + ([] if final is None else [final.shape[:-1]])
-    batch = _batch_shape(shapes, "init, mats and final")
+    kind, mats, batch, k0, kl, n, _ = _chain_inputs(init, mats, final, method)
     init = init.detach()
     final = None if final is None else final.detach()
     opts = dict(dtype=init.dtype, device=init.device)
