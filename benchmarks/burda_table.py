@@ -11,8 +11,9 @@ objectives of ``tmcgraph.models.burda.parse_objective`` (``ciwae:K:beta``,
 Optimisation as in the paper: Adam (beta = 0.9, 0.999, eps = 1e-4), batch 20, stage i
 of 3^i epochs at learning rate 1e-3 * 10^(-i/7), i = 0..7 (3280 epochs). ``--stages``
 keeps the first stages and ``--epochs`` stops earlier still (the learning rate of an
-epoch never depends on where training stops, so a run can be continued to more epochs).
-Every run keeps a checkpoint folder under ``--runs`` and is skipped when complete.
+epoch never depends on where training stops, so a run can be continued to more epochs
+and more stages). Every run keeps a checkpoint folder under ``--runs`` and is skipped when
+complete; a folder holding more epochs than requested is refused.
 
 After training, each model is evaluated on the test set (all 10000 images, or
 ``--limit-test``): NLL = -L_5000 (``--eval-k``; chunked over samples, memory bounded),
@@ -51,9 +52,11 @@ import tmcgraph as tg  # noqa: E402
 from tmcgraph.models import burda  # noqa: E402
 
 NAME = "burda_table"
+#: Kind recorded in (and required of) this command's checkpoints.
+KIND = "benchmarks/burda_table"
 DEFAULT_OBJECTIVES = "vae:1,vae:5,vae:50,iwae:5,iwae:50,tmc:5,tmc:50"
 #: Settings that must agree for a run folder to be continued.
-CONFIG_KEYS = ("layers", "objective", "seed", "batch_size", "lr", "adam_eps", "stages", "train_images", "data")
+CONFIG_KEYS = ("layers", "objective", "seed", "batch_size", "lr", "adam_eps", "train_images", "data")
 #: Settings of the final evaluation (recomputed when they change).
 EVAL_KEYS = ("eval_k", "test_images", "au_samples", "max_elements")
 
@@ -66,8 +69,9 @@ def binarize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class Run:
     """One model trained with one objective: weights, optimiser, generators, metrics, checkpoint."""
 
-    def __init__(self, config: dict, folder: pathlib.Path, pixel_means: torch.Tensor):
+    def __init__(self, config: dict, folder: pathlib.Path, pixel_means: torch.Tensor, stages: int = 8):
         self.config = config
+        self.stages = stages  # not part of the configuration: an epoch's rate does not depend on it
         self.path = pathlib.Path(folder) / "checkpoint.pt"
         self.obj = burda.parse_objective(config["objective"])
         self.model, self.proposal = burda.build(config["layers"], pixel_means=pixel_means, seed=config["seed"])
@@ -77,7 +81,7 @@ class Run:
         self.particles = torch.Generator().manual_seed(config["seed"] + 2)
         self.binarizer = torch.Generator().manual_seed(config["seed"] + 3)
         self.epoch, self.metrics, self.evaluation = 0, [], None
-        state = load_checkpoint(self.path, config, CONFIG_KEYS)
+        state = load_checkpoint(self.path, config, CONFIG_KEYS, kind=KIND)
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.proposal.load_state_dict(state["proposal"])
@@ -93,7 +97,7 @@ class Run:
         return f"L{self.config['layers']}-{self.config['objective'].replace(':', '_')}-seed{self.config['seed']}"
 
     def save(self) -> None:
-        save_checkpoint(self.path, {
+        save_checkpoint(self.path, kind=KIND, state={
             "config": self.config, "epoch": self.epoch, "metrics": self.metrics, "evaluation": self.evaluation,
             "model": self.model.state_dict(), "proposal": self.proposal.state_dict(),
             "optimizer": self.opt.state_dict(), "shuffle_rng": self.shuffle.get_state(),
@@ -102,7 +106,7 @@ class Run:
 
     def train_epoch(self, train_x: torch.Tensor) -> dict:
         c = self.config
-        lr = burda.learning_rate(self.epoch, c["stages"], c["lr"])
+        lr = burda.learning_rate(self.epoch, self.stages, c["lr"])
         for group in self.opt.param_groups:
             group["lr"] = lr
         xs = binarize(train_x, self.binarizer)
@@ -313,8 +317,13 @@ def main(argv=None) -> dict:
                 continue  # one stochastic layer: TMC is IWAE
             for seed in seeds:
                 cfg = {"layers": L, "objective": spec, "seed": seed, "batch_size": a.batch_size, "lr": a.lr,
-                       "adam_eps": a.adam_eps, "stages": a.stages, "train_images": len(train_x), "data": source}
-                runs.append(Run(cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}", pixel_means))
+                       "adam_eps": a.adam_eps, "train_images": len(train_x), "data": source}
+                r = Run(cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}", pixel_means, a.stages)
+                if r.epoch > a.epochs:
+                    raise tg.TMCGraphError(f"run {r.key} in {r.path.parent} has {r.epoch} epochs, more than the "
+                                           f"{a.epochs} requested; ask for at least {r.epoch} epochs or choose "
+                                           "another --runs folder")
+                runs.append(r)
     settings = {"eval_k": a.eval_k, "test_images": len(test_x), "au_samples": a.au_samples,
                 "max_elements": a.max_elements}
     t0 = time.perf_counter()
@@ -371,7 +380,7 @@ def cli(argv=None) -> int:
         main(argv)
     except tg.TMCGraphError as e:
         print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

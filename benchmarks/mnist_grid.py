@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import pathlib
 import statistics
 import sys
@@ -75,6 +74,7 @@ from _common import (  # noqa: E402
 )
 
 import tmcgraph as tg  # noqa: E402
+from tmcgraph.contrib import checkpoint  # noqa: E402
 from tmcgraph.infer.objectives import GRADS, bound, objective  # noqa: E402
 
 NAME = "mnist_grid"
@@ -84,6 +84,8 @@ OBJECTIVES = ("tmc", "iwae")
 GRAD_NAMES = ("reparam", "stl", "dregs")
 #: Checkpoints larger than this are refused (bounded reads).
 MAX_CHECKPOINT_BYTES = 1 << 30
+#: Kind recorded in (and required of) this driver's checkpoints.
+KIND = "benchmarks/mnist_grid"
 #: Settings that must agree for a run folder to be continued.
 CONFIG_KEYS = ("recognition", "grad", "objective", "seed", "K", "eval_K", "batch_size", "lr", "adam_eps",
                "coupling", "train_images", "test_images", "eval_every", "data")
@@ -93,44 +95,40 @@ FULL_TRAIN = 60000
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path: pathlib.Path, state: dict) -> None:
-    """``torch.save`` plain data (state_dicts, tensors, numbers, strings) to ``path`` atomically."""
+def save_checkpoint(path: pathlib.Path, state: dict, kind: str = KIND) -> None:
+    """Write a run's ``state`` (its ``"config"`` entry is stored as the checkpoint's configuration).
+
+    Uses :func:`tmcgraph.contrib.checkpoint.save`: plain data and tensors only, written to a
+    temporary file and renamed over ``path``, so an interruption keeps the last checkpoint.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    state = dict(state)
+    config = state.pop("config")
+    checkpoint.save(path, state, kind=kind, config=config)
 
 
-def load_checkpoint(path: pathlib.Path, config: dict, keys=None) -> Optional[dict]:
-    """The checkpoint at ``path`` (``None`` if absent), refused unless its configuration equals ``config``.
+def load_checkpoint(path: pathlib.Path, config: dict, keys=None, kind: str = KIND) -> Optional[dict]:
+    """The run state at ``path`` (``None`` if absent), refused unless its configuration equals ``config``.
 
-    Loaded with ``weights_only=True`` after checking the file size.
+    Read by :func:`tmcgraph.contrib.checkpoint.load` (``torch.load(weights_only=True)``, at most
+    ``MAX_CHECKPOINT_BYTES``, format and ``kind`` checked). Returns the saved state with the stored
+    configuration under ``"config"``.
 
     Raises:
-        tg.TMCGraphError: an oversized or unreadable file, or a different configuration
-            (the message names every setting that differs).
+        tg.TMCGraphError: an oversized, unreadable or foreign file, or a different configuration
+            (the message names every setting that differs, and the way out).
     """
     path = pathlib.Path(path)
     if not path.exists():
         return None
-    size = path.stat().st_size
-    if size > MAX_CHECKPOINT_BYTES:
-        raise tg.TMCGraphError(f"{path}: {size} bytes, more than a checkpoint of this driver can be "
-                               f"({MAX_CHECKPOINT_BYTES}); delete it or choose another --runs folder")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise tg.TMCGraphError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it "
-                               "or choose another --runs folder") from e
-    saved = state.get("config", {}) if isinstance(state, dict) else {}
-    keys = list(config) if keys is None else list(keys)
-    diff = [k for k in keys if saved.get(k) != config.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {config.get(k)!r}" for k in diff)
-        raise tg.TMCGraphError(f"{path} was made with a different configuration ({shown}); "
-                               "choose another --runs folder or the same settings")
-    return state
+        ck = checkpoint.load(path, kind, config=config, keys=keys, max_bytes=MAX_CHECKPOINT_BYTES)
+    except checkpoint.CheckpointError as e:
+        hint = ("choose another --runs folder or the same settings" if "different configuration" in str(e)
+                else "not a readable checkpoint of this driver; delete it or choose another --runs folder")
+        raise checkpoint.CheckpointError(f"{e}; {hint}") from None
+    return {**ck["state"], "config": ck["config"]}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -579,7 +577,7 @@ def cli(argv=None) -> int:
         main(argv)
     except tg.TMCGraphError as e:
         print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -57,6 +57,9 @@ def test_completed_runs_are_reused_and_other_configurations_refused(table, tmp_p
     mtime = ck.stat().st_mtime_ns
     again = table.main(_argv(tmp_path, "--layers", "1", "--objectives", "iwae:3"))
     assert ck.stat().st_mtime_ns == mtime  # neither retrained nor re-evaluated
+    saved = torch.load(ck, weights_only=True)
+    assert saved["format"] == "tmcgraph.checkpoint" and saved["kind"] == "benchmarks/burda_table"
+    assert saved["state"]["epoch"] == 1 and saved["config"]["objective"] == "iwae:3"
     assert again["runs"][0]["evaluation"] == first["runs"][0]["evaluation"]
     longer = table.main(_argv(tmp_path, "--layers", "1", "--objectives", "iwae:3", "--eval-k", "40"))
     assert longer["runs"][0]["evaluation"]["eval_k"] == 40 and longer["runs"][0]["epochs"] == 1
@@ -99,3 +102,26 @@ def test_binarisation_is_a_bernoulli_draw_per_epoch(table):
     assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
     assert float(a.mean()) == pytest.approx(0.3, abs=0.02)
     assert burda.parse_objective("tmc:2").name == "tmc"
+
+
+def test_a_truncated_schedule_continues_to_more_stages(table, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    objs = ("--layers", "1", "--objectives", "iwae:3")
+    table.main(_argv(a, *objs, "--stages", "1"))  # stage 0: one epoch
+    longer = table.main(_argv(a, *objs, "--stages", "2", "--epochs", "2"))  # continued into stage 1
+    fresh = table.main(_argv(b, *objs, "--stages", "2", "--epochs", "2"))
+    (r,), (s,) = longer["runs"], fresh["runs"]
+    assert r["epochs"] == s["epochs"] == 2
+    assert [m["lr"] for m in r["metrics"]] == [m["lr"] for m in s["metrics"]] == pytest.approx(
+        [1e-3, 1e-3 * 10 ** (-1 / 7)])
+    assert [m["train_objective"] for m in r["metrics"]] == [m["train_objective"] for m in s["metrics"]]
+    assert r["evaluation"]["nll"] == s["evaluation"]["nll"]
+    with pytest.raises(tg.TMCGraphError, match="has 2 epochs, more than the 1 requested"):
+        table.main(_argv(a, *objs, "--stages", "1"))
+
+
+def test_cli_prints_an_error_line_with_status_2(table, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["burda_table.py"])
+    assert table.cli(_argv(tmp_path, "--layers", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("burda_table.py: error: --layers") and "Traceback" not in err

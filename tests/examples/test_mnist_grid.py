@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import os
 import pathlib
 import statistics
 import sys
@@ -67,7 +68,9 @@ def test_resumed_runs_equal_uninterrupted_ones_and_complete_runs_are_skipped(gri
     again = grid.main(_argv(a, "--epochs", "2"))
     assert sorted(again["budget"]["runs_skipped_as_complete"]) == sorted(r["key"] for r in again["runs"])
     assert ck.stat().st_mtime_ns == mtime
-    assert torch.load(ck, weights_only=True)["epoch"] == 2
+    saved = torch.load(ck, weights_only=True)
+    assert saved["format"] == "tmcgraph.checkpoint" and saved["kind"] == "benchmarks/mnist_grid"
+    assert saved["state"]["epoch"] == 2 and saved["config"]["K"] == 4
 
 
 def test_a_run_with_another_configuration_is_refused(grid, tmp_path):
@@ -80,6 +83,37 @@ def test_a_run_with_another_configuration_is_refused(grid, tmp_path):
     ck.write_bytes(b"not a checkpoint")
     with pytest.raises(tg.TMCGraphError, match="not a readable checkpoint"):
         grid.main(_argv(tmp_path, "--epochs", "1"))
+    assert ck.read_bytes() == b"not a checkpoint"  # never overwritten
+
+
+class _Shell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated", "pickle", "foreign", "other-kind"])
+def test_unsafe_or_foreign_checkpoints_are_refused_unread(grid, tmp_path, content, monkeypatch):
+    from tmcgraph.contrib import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    grid.main(_argv(tmp_path, "--epochs", "1"))
+    ck = tmp_path / "runs" / "small-reparam-tmc-seed0" / "checkpoint.pt"
+    good = ck.read_bytes()
+    if content == "empty":
+        ck.write_bytes(b"")
+    elif content == "truncated":
+        ck.write_bytes(good[: len(good) // 2])
+    elif content == "pickle":
+        torch.save({"config": {}, "x": _Shell()}, ck)
+    elif content == "foreign":  # a plain torch file without the format marker
+        torch.save({"config": {"K": 4}, "epoch": 1}, ck)
+    else:
+        checkpoint.save(ck, {"epoch": 1}, kind="examples/mnist_chain", config={"K": 4})
+    before = ck.read_bytes()
+    with pytest.raises(tg.TMCGraphError, match=str(ck.name)):
+        grid.main(_argv(tmp_path, "--epochs", "2"))
+    assert not (tmp_path / "pwned.txt").exists()
+    assert ck.read_bytes() == before
 
 
 def test_bad_arguments(grid, tmp_path):
@@ -93,7 +127,7 @@ def test_bad_arguments(grid, tmp_path):
 
 def test_cli_prints_an_error_line(grid, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["mnist_grid.py"])
-    assert grid.cli(_argv(tmp_path, "--objectives", "vae")) == 1
+    assert grid.cli(_argv(tmp_path, "--objectives", "vae")) == 2
     assert "mnist_grid.py: error: --objectives" in capsys.readouterr().err
 
 
