@@ -32,7 +32,6 @@ from tmcgraph.contrib import checkpoint
 from tmcgraph.data import mnist as mnist_data
 from tmcgraph.infer.objectives import objective
 from tmcgraph.models import mnist_vae
-from tmcgraph.sampling.couplings import DEFAULT
 
 NAMES = list(mnist_data.FILES.values())
 SEED, K, BATCH, N_TRAIN = 3, 2, 16, 64
@@ -104,7 +103,7 @@ def reference(d, epochs: int) -> list:
     ex = load_example()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model, proposal = mnist_vae.build("small", DEFAULT)
+        model, proposal = mnist_vae.build("small", ex.COUPLING)
     est = tg.TMC(model, proposal, K=K)
     opt = torch.optim.Adam(list(model.parameters()) + list(proposal.parameters()), lr=1e-3)
     shuffle = torch.Generator().manual_seed(SEED + 1)

@@ -151,7 +151,7 @@ def reference(ex, d, batch, epochs, shards):
     """Plain per-image training loop from the definition; per epoch the mean per image and the mean step figure."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model, proposal = mnist_vae.build("small")
+        model, proposal = mnist_vae.build("small", ex.COUPLING)
     est = tg.TMC(model, proposal, K=K)
     opt = torch.optim.Adam(list(model.parameters()) + list(proposal.parameters()), lr=1e-3)
     shuffle = torch.Generator().manual_seed(SEED + 1)
