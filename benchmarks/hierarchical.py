@@ -23,7 +23,11 @@ Results go to ``benchmarks/results/hierarchical.json`` (quick: ``hierarchical_qu
 compact, traces rounded to 1e-3 nats and 1e-5 s)
 and ``hierarchical[_quick]_<model>.png`` (objective vs iteration and vs CPU time, best
 learning rate per method). The JSON caches every finished run: a run already in it is
-skipped, so an interrupted benchmark resumes where it stopped.
+skipped, so an interrupted benchmark resumes where it stopped. Parts of the grid can run
+in parallel processes with their own ``--out`` (e.g. ``--models radon``, ``--models bus
+--K 3,10``, ``--models bus --K 30``); an invocation of the whole grid with ``--merge
+A/hierarchical.json B/hierarchical.json ...`` takes their runs into its cache and runs
+only what is missing.
 
     python benchmarks/hierarchical.py --data ../shared/data/hierarchical            # full grid
     python benchmarks/hierarchical.py --data ../shared/data/hierarchical --quick    # seconds
@@ -97,6 +101,9 @@ def parser():
                    help=f"independent predictive estimates per run (default {DEFAULTS['pred_reps']})")
     p.add_argument("--split", type=int, default=0, help="bus-breakdown train/test split (default 0)")
     p.add_argument("--progress", action="store_true", help="a progress bar per run (tqdm)")
+    p.add_argument("--merge", type=pathlib.Path, nargs="+", default=[], metavar="JSON",
+                   help="result files of other invocations (e.g. parts of the grid run in parallel with their own "
+                        "--out); their finished runs join the cache")
     return p
 
 
@@ -143,6 +150,21 @@ def load(args, p, s) -> dict:
     except tg.TMCGraphError as e:
         p.error(f"--data: {e}")
     return out
+
+
+def read_runs(path: pathlib.Path, p) -> dict:
+    """The cached runs of a result file of this benchmark (bounded read; a foreign file is an error)."""
+    if not path.is_file():
+        p.error(f"--merge: no result file at {path}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        p.error(f"{path} is larger than {MAX_JSON_BYTES} bytes; not a result of this benchmark")
+    try:
+        payload = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        p.error(f"{path} is not a JSON result file ({e})")
+    if not isinstance(payload, dict) or payload.get("benchmark") != NAME or not isinstance(payload.get("runs"), dict):
+        p.error(f"{path} is not a result file of benchmarks/{NAME}.py")
+    return payload["runs"]
 
 
 def _rounded(trace: dict) -> dict:
@@ -332,10 +354,8 @@ def main(argv=None) -> dict:
     stem = f"{NAME}_quick" if args.quick else NAME
     jpath = args.out / f"{stem}.json"
     runs = {}
-    if jpath.exists():
-        if jpath.stat().st_size > MAX_JSON_BYTES:
-            p.error(f"{jpath} is larger than {MAX_JSON_BYTES} bytes; not a result of this benchmark")
-        runs = json.loads(jpath.read_text()).get("runs", {})
+    for path in ([jpath] if jpath.exists() else []) + list(args.merge):
+        runs.update(read_runs(path, p))
     command = command_line(argv)
     cpu0 = time.process_time()
     ran = skipped = 0

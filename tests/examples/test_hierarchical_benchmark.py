@@ -94,3 +94,33 @@ def test_missing_data_says_where(tmp_path, capsys):
         bench.main(["--quick", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "error: --data:" in err and "radon.npz not found" in err
+
+
+def test_parts_run_in_parallel_merge_into_one_result(tmp_path, data_dir):
+    bench = _load()
+    base = ["--quick", "--data", str(data_dir), "--methods", "mpvi,qem"]
+    a = bench.main([*base, "--models", "radon", "--out", str(tmp_path / "a")])
+    b = bench.main([*base, "--models", "bus", "--out", str(tmp_path / "b")])
+    parts_json = [str(tmp_path / d / "hierarchical_quick.json") for d in ("a", "b")]
+    merged = bench.main([*base, "--out", str(tmp_path / "all"), "--merge", *parts_json])
+    assert merged["runs_this_invocation"] == 0 and merged["runs_skipped_cached"] == 4
+    parts = {**a["runs"], **b["runs"]}
+    assert merged["runs"].keys() == parts.keys()
+    for k, r in parts.items():
+        assert merged["runs"][k]["final_objective"] == r["final_objective"]
+    assert [r["model"] for r in merged["rows"]] == ["radon"] * 2 + ["bus"] * 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no result file"),
+    ("{not json", "not a JSON result file"),
+    ('{"benchmark": "perf_toy", "runs": {}}', "not a result file of benchmarks/hierarchical.py"),
+])
+def test_merge_refuses_missing_or_foreign_files(tmp_path, data_dir, capsys, content, message):
+    bench = _load()
+    f = tmp_path / "other.json"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--data", str(data_dir), "--out", str(tmp_path), "--merge", str(f)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
