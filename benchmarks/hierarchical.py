@@ -19,15 +19,15 @@ points, with the run's cumulative wall time for the plot against time).
 Summary rows take, per model, method and K, the learning rate with the best mean final
 objective. Estimators run eagerly (``compile=False``), one torch thread.
 
-Results go to ``benchmarks/results/hierarchical.json`` (quick: ``hierarchical_quick.json``;
-compact, traces rounded to 1e-3 nats and 1e-5 s)
-and ``hierarchical[_quick]_<model>.png`` (objective vs iteration and vs CPU time, best
-learning rate per method). The JSON caches every finished run: a run already in it is
-skipped, so an interrupted benchmark resumes where it stopped. Parts of the grid can run
-in parallel processes with their own ``--out`` (e.g. ``--models radon``, ``--models bus
---K 3,10``, ``--models bus --K 30``); an invocation of the whole grid with ``--merge
-A/hierarchical.json B/hierarchical.json ...`` takes their runs into its cache and runs
-only what is missing.
+Results go to ``benchmarks/results/hierarchical.json`` (quick:
+``hierarchical_quick.json``; compact, traces rounded to 1e-3 nats and 1e-5 s),
+``hierarchical[_quick].md`` (the summary table) and ``hierarchical[_quick]_<model>.png``
+(objective vs iteration and vs CPU time, best learning rate per method). The JSON caches
+every finished run: a run already in it is skipped, so an interrupted benchmark resumes
+where it stopped. Parts of the grid can run in parallel processes with their own ``--out``
+(e.g. ``--models radon``, ``--models bus --K 3,10``, ``--models bus --K 30``); an
+invocation of the whole grid with ``--merge A/hierarchical.json B/hierarchical.json ...``
+takes their runs into its cache and runs only what is missing.
 
     python benchmarks/hierarchical.py --data ../shared/data/hierarchical            # full grid
     python benchmarks/hierarchical.py --data ../shared/data/hierarchical --quick    # seconds
@@ -331,6 +331,24 @@ def plot(runs: dict, rows: list, s: dict, path_of) -> list:
     return paths
 
 
+def markdown(rows: list, s: dict) -> str:
+    """The summary rows as a markdown table (mean +- sd over seeds at the best learning rate)."""
+    lines = [f"{s['seeds']} seed(s), {s['iterations']} iterations, final objective = mean of the last {s['last']}; "
+             f"predictive log-likelihood = mean of {s['pred_reps']} estimates; mean +- sd over seeds at the best "
+             "learning rate", "",
+             "| model | method | K | best lr | final log P | predictive log-lik. | CPU ms / it | wall ms / it |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["best_lr"] is None:
+            lines.append(f"| {r['model']} | {r['label']} | {r['K']} | - | no finished run | | | |")
+            continue
+        pl = "-" if r["predictive_ll"] is None else f"{r['predictive_ll']:.2f} ± {r['predictive_ll_sd']:.2f}"
+        lines.append(f"| {r['model']} | {r['label']} | {r['K']} | {r['best_lr']:g} | "
+                     f"{r['final_objective']:.2f} ± {r['final_objective_sd']:.2f} | {pl} | "
+                     f"{1e3 * r['cpu_per_iteration_s']:.1f} | {1e3 * r['time_per_iteration_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list) -> None:
     print(f"{'model':6} {'method':14} {'K':>3} {'lr':>6} {'final log P':>16} {'pred. LL':>16} {'ms/it':>7} "
           f"{'cpu ms/it':>9}")
@@ -389,8 +407,11 @@ def main(argv=None) -> dict:
     out["rows"] = rows
     out["figures"] = plot(runs, rows, s, lambda model: args.out / f"{stem}_{model}.png")
     write_results(jpath, out)
+    mpath = jpath.with_suffix(".md")
+    mpath.write_text(markdown(rows, s))
     print_table(rows)
-    print(f"ran {ran} run(s), {skipped} cached; wrote {jpath} and {', '.join(out['figures'])} in {args.out}")
+    print(f"ran {ran} run(s), {skipped} cached; wrote {jpath}, {mpath.name} and {', '.join(out['figures'])} "
+          f"in {args.out}")
     return out
 
 

@@ -48,6 +48,8 @@ def test_quick_run_and_resume(tmp_path, data_dir, capsys):
     threads = torch.get_num_threads()
     d = bench.main(argv)
     assert (out / "hierarchical_quick.json").exists()
+    md = (out / "hierarchical_quick.md").read_text()
+    assert md.count("\n| radon |") == md.count("\n| bus |") == len(bench.METHODS)  # one row per method at K = 3
     for model in ("radon", "bus"):
         png = out / f"hierarchical_quick_{model}.png"
         assert png.exists() and png.stat().st_size > 10_000
