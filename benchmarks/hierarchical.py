@@ -349,19 +349,6 @@ def markdown(rows: list, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list) -> None:
-    print(f"{'model':6} {'method':14} {'K':>3} {'lr':>6} {'final log P':>16} {'pred. LL':>16} {'ms/it':>7} "
-          f"{'cpu ms/it':>9}")
-    for r in rows:
-        if r["best_lr"] is None:
-            print(f"{r['model']:6} {r['label']:14} {r['K']:>3}   (no finished run)")
-            continue
-        pl = "-" if r["predictive_ll"] is None else f"{r['predictive_ll']:.2f} +- {r['predictive_ll_sd']:.2f}"
-        print(f"{r['model']:6} {r['label']:14} {r['K']:>3} {r['best_lr']:>6g} "
-              f"{r['final_objective']:>8.2f} +- {r['final_objective_sd']:<5.2f} {pl:>16} "
-              f"{1e3 * r['time_per_iteration_s']:>7.2f} {1e3 * r['cpu_per_iteration_s']:>9.2f}")
-
-
 def main(argv=None) -> dict:
     p = parser()
     args = p.parse_args(argv)
@@ -408,8 +395,9 @@ def main(argv=None) -> dict:
     out["figures"] = plot(runs, rows, s, lambda model: args.out / f"{stem}_{model}.png")
     write_results(jpath, out)
     mpath = jpath.with_suffix(".md")
-    mpath.write_text(markdown(rows, s))
-    print_table(rows)
+    table = markdown(rows, s)
+    mpath.write_text(table)
+    print(table)
     print(f"ran {ran} run(s), {skipped} cached; wrote {jpath}, {mpath.name} and {', '.join(out['figures'])} "
           f"in {args.out}")
     return out
