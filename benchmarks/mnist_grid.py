@@ -41,7 +41,13 @@ gradients, 3 seeds, 50 epochs, test bounds every 5 epochs on the full test set, 
 over the last 5 evaluations (epochs 30-50)::
 
     python benchmarks/mnist_grid.py --data ../shared/data/mnist --recognition small --grads reparam \\
-        --objectives tmc,iwae --seeds 3 --epochs 50 --eval-every 5 --last 5 --runs runs/mnist_grid
+        --objectives tmc,iwae --seeds 3 --epochs 50 --eval-every 5 --last 5 \\
+        --runs benchmarks/results/mnist_protocol/runs
+
+Its run folders are kept in the repository, so the protocol continues from where the last
+invocation stopped. ``--shard I/N`` runs every N-th run of the grid, so that N processes
+(``--shard 0/2`` and ``--shard 1/2`` on two cores) share one ``--runs`` folder; a last
+invocation without ``--shard`` skips the finished runs and writes the combined outputs.
 
 CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs).
 ``--quick`` runs the whole grid (3 x 3 x 2 runs) for one epoch on 128 synthetic images.
@@ -476,12 +482,23 @@ def parse(argv=None):
     p.add_argument("--synthetic", action="store_true", help="synthetic stroke images instead of MNIST")
     p.add_argument("--runs", type=pathlib.Path, default=None,
                    help="folder of the per-run checkpoint folders (default runs/mnist_grid; quick: under --out)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only runs I, I+N, I+2N, ... of the grid (0-based, in the order recognition, "
+                        "grad, objective, seed), so that N processes share one grid's --runs folder")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the JSON and figures")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     a = p.parse_args(argv)
     a.recognition = _names(a.recognition or ",".join(RECOGNITION), RECOGNITION, "recognition")
     a.grads = _names(a.grads or ",".join(GRAD_NAMES), tuple(g for g in GRAD_NAMES if g in GRADS), "grads")
     a.objectives = _names(a.objectives, OBJECTIVES, "objectives")
+    if a.shard is not None:
+        try:
+            i, n = (int(v) for v in a.shard.split("/"))
+        except ValueError:
+            raise tg.TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {a.shard!r}") from None
+        if not 0 <= i < n:
+            raise tg.TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {a.shard!r}")
+        a.shard = (i, n)
     a.epochs = a.epochs or (1 if a.quick else 10)
     a.K = a.K or (4 if a.quick else 20)
     a.eval_K = a.eval_K or a.K
@@ -513,7 +530,12 @@ def main(argv=None) -> dict:
                            "eval_K": a.eval_K, "batch_size": a.batch_size, "lr": a.lr, "adam_eps": a.adam_eps,
                            "coupling": a.coupling or DEFAULT, "train_images": len(train_x),
                            "test_images": len(test_x), "eval_every": a.eval_every, "data": source}
-                    runs.append(Run(cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
+                    runs.append((cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
+    if a.shard is not None:
+        runs = runs[a.shard[0]::a.shard[1]]
+        if not runs:
+            raise tg.TMCGraphError(f"--shard {a.shard[0]}/{a.shard[1]} selects none of the grid's runs")
+    runs = [Run(cfg, folder) for cfg, folder in runs]
     skipped = [r.key for r in runs if r.epoch >= a.epochs]
     if skipped:
         print(f"{len(skipped)} of {len(runs)} runs already have {a.epochs} epochs: skipped", flush=True)
@@ -553,7 +575,8 @@ def main(argv=None) -> dict:
                    "batch_size": a.batch_size, "K": a.K, "eval_K": a.eval_K, "lr": a.lr, "adam_eps": a.adam_eps,
                    "eval_every": a.eval_every, "last": a.last, "seeds": seeds, "recognition": a.recognition,
                    "grads": a.grads, "objectives": a.objectives, "coupling": a.coupling or DEFAULT,
-                   "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped},
+                   "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped,
+                   "shard": None if a.shard is None else f"{a.shard[0]}/{a.shard[1]}"},
         "machine": machine_info(), **threads,
         "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
         "figures": {"fig5": ppath.name, "fig6": fig6_path.name},

@@ -116,6 +116,30 @@ def test_unsafe_or_foreign_checkpoints_are_refused_unread(grid, tmp_path, conten
     assert ck.read_bytes() == before
 
 
+def test_shards_run_what_the_whole_grid_runs(grid, tmp_path):
+    """Two processes sharing one grid (--shard 0/2, 1/2) train each run as one process does."""
+    full = grid.main(_argv(tmp_path / "full", "--epochs", "1", "--seeds", "2"))
+    keys = [r["key"] for r in full["runs"]]
+    parts = [grid.main(_argv(tmp_path / "part", "--epochs", "1", "--seeds", "2", "--shard", f"{i}/2"))
+             for i in range(2)]
+    assert [r["key"] for r in parts[0]["runs"]] == keys[0::2] and [r["key"] for r in parts[1]["runs"]] == keys[1::2]
+    assert parts[1]["budget"]["shard"] == "1/2"
+    ref = {r["key"]: r["metrics"][0] for r in full["runs"]}
+    for part in parts:
+        for r in part["runs"]:
+            m = r["metrics"][0]
+            assert m["train_objective"] == ref[r["key"]]["train_objective"]
+            assert m["test_tmc"] == ref[r["key"]]["test_tmc"] and m["test_iwae"] == ref[r["key"]]["test_iwae"]
+    # a later invocation over the whole grid finds every run complete
+    again = grid.main(_argv(tmp_path / "part", "--epochs", "1", "--seeds", "2"))
+    assert sorted(again["budget"]["runs_skipped_as_complete"]) == sorted(keys)
+    for bad in ("2/2", "a/2", "1", "-1/2"):
+        with pytest.raises(tg.TMCGraphError, match="--shard"):
+            grid.main(_argv(tmp_path, f"--shard={bad}"))
+    with pytest.raises(tg.TMCGraphError, match="selects none"):
+        grid.main(_argv(tmp_path, "--shard", "3/4", "--objectives", "tmc"))
+
+
 def test_bad_arguments(grid, tmp_path):
     with pytest.raises(tg.TMCGraphError, match="recognition"):
         grid.main(_argv(tmp_path, "--recognition", "huge"))
