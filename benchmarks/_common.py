@@ -296,6 +296,36 @@ def save_figure(fig, path: pathlib.Path, dpi: int = 120) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def add_shard_arg(p: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    """Add ``--shard I/N``: run only items I, I+N, I+2N, ... of ``what`` (see :func:`take_shard`)."""
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help=f"run only runs I, I+N, I+2N, ... of {what} (0-based), so that N processes share one "
+                        "--runs folder; a last invocation without --shard writes the combined outputs")
+    return p
+
+
+def take_shard(items: Sequence, shard: Optional[str]) -> list:
+    """The items of shard ``"I/N"`` (every N-th from the I-th, 0-based); all of them for ``None``.
+
+    Raises:
+        TMCGraphError: ``shard`` is not ``I/N`` with ``0 <= I < N``, or selects nothing.
+    """
+    from tmcgraph import TMCGraphError
+
+    if shard is None:
+        return list(items)
+    try:
+        i, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {shard!r}") from None
+    if not 0 <= i < n:
+        raise TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {shard!r}")
+    picked = list(items)[i::n]
+    if not picked:
+        raise TMCGraphError(f"--shard {shard} selects none of the {len(items)} runs")
+    return picked
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--device`` (default ``cpu``): where tmcgraph and the hand-written code run."""
     p.add_argument("--device", default="cpu",

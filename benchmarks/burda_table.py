@@ -13,7 +13,9 @@ of 3^i epochs at learning rate 1e-3 * 10^(-i/7), i = 0..7 (3280 epochs). ``--sta
 keeps the first stages and ``--epochs`` stops earlier still (the learning rate of an
 epoch never depends on where training stops, so a run can be continued to more epochs
 and more stages). Every run keeps a checkpoint folder under ``--runs`` and is skipped when
-complete; a folder holding more epochs than requested is refused.
+complete; a folder holding more epochs than requested is refused. ``--shard I/N`` trains
+and evaluates every N-th run, so that N processes share one ``--runs`` folder; a last
+invocation without it finds every run done and writes the table.
 
 After training, each model is evaluated on the test set (all 10000 images, or
 ``--limit-test``): NLL = -L_5000 (``--eval-k``; chunked over samples, memory bounded),
@@ -45,7 +47,18 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if another copy is installed
 
 import torch  # noqa: E402
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json  # noqa: E402,E501
+from _common import (  # noqa: E402
+    add_shard_arg,
+    base_parser,
+    command_line,
+    machine_info,
+    output_paths,
+    pyplot,
+    save_figure,
+    set_threads,
+    take_shard,
+    write_json,
+)
 from mnist_grid import load_checkpoint, load_data, save_checkpoint  # noqa: E402
 
 import tmcgraph as tg  # noqa: E402
@@ -274,6 +287,7 @@ def parse(argv=None):
     p.add_argument("--synthetic", action="store_true", help="synthetic stroke images instead of MNIST")
     p.add_argument("--runs", type=pathlib.Path, default=None, help="folder of the per-run checkpoint folders")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the outputs")
+    add_shard_arg(p, "the table (in the order layers, objective, seed)")
     a = p.parse_args(argv)
     try:
         a.layers = sorted({int(v) for v in a.layers.split(",") if v.strip()})
@@ -310,7 +324,7 @@ def main(argv=None) -> dict:
     pixel_means = train_x.mean(0)
     runs_dir = a.runs or (pathlib.Path(a.out) / "burda_table_quick_runs" if a.quick else pathlib.Path("runs/burda"))
     seeds = list(range(a.seeds or 1))
-    runs = []
+    planned = []
     for L in a.layers:
         for spec in (a.objectives_2 if L == 2 else a.objectives):
             if burda.parse_objective(spec).name == "tmc" and L < 2:
@@ -318,12 +332,15 @@ def main(argv=None) -> dict:
             for seed in seeds:
                 cfg = {"layers": L, "objective": spec, "seed": seed, "batch_size": a.batch_size, "lr": a.lr,
                        "adam_eps": a.adam_eps, "train_images": len(train_x), "data": source}
-                r = Run(cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}", pixel_means, a.stages)
-                if r.epoch > a.epochs:
-                    raise tg.TMCGraphError(f"run {r.key} in {r.path.parent} has {r.epoch} epochs, more than the "
-                                           f"{a.epochs} requested; ask for at least {r.epoch} epochs or choose "
-                                           "another --runs folder")
-                runs.append(r)
+                planned.append((cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}"))
+    runs = []
+    for cfg, folder in take_shard(planned, a.shard):
+        r = Run(cfg, folder, pixel_means, a.stages)
+        if r.epoch > a.epochs:
+            raise tg.TMCGraphError(f"run {r.key} in {r.path.parent} has {r.epoch} epochs, more than the "
+                                   f"{a.epochs} requested; ask for at least {r.epoch} epochs or choose "
+                                   "another --runs folder")
+        runs.append(r)
     settings = {"eval_k": a.eval_k, "test_images": len(test_x), "au_samples": a.au_samples,
                 "max_elements": a.max_elements}
     t0 = time.perf_counter()
@@ -358,7 +375,8 @@ def main(argv=None) -> dict:
                    "stages": a.stages, "epochs": a.epochs,
                    "schedule": [{"epochs": n, "lr": lr} for n, lr in sched], "batch_size": a.batch_size,
                    "adam_eps": a.adam_eps, "train_images": len(train_x), "test_images": len(test_x),
-                   "data": source, "seeds": seeds, **settings, "wall_seconds_this_invocation": wall},
+                   "data": source, "seeds": seeds, **settings, "wall_seconds_this_invocation": wall,
+                   "shard": a.shard},
         "machine": machine_info(), **threads,
         "table": tab, "published": {f"{L}/{k}": v for (L, k), v in burda.PUBLISHED.items()},
         "published_note": "Burda et al. (2016) Table 1, MNIST: 3280 epochs, full data, NLL = -L_5000",

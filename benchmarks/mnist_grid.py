@@ -69,6 +69,7 @@ sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if anothe
 
 import torch  # noqa: E402
 from _common import (  # noqa: E402
+    add_shard_arg,
     base_parser,
     command_line,
     machine_info,
@@ -76,6 +77,7 @@ from _common import (  # noqa: E402
     pyplot,
     save_figure,
     set_threads,
+    take_shard,
     write_json,
 )
 
@@ -482,23 +484,13 @@ def parse(argv=None):
     p.add_argument("--synthetic", action="store_true", help="synthetic stroke images instead of MNIST")
     p.add_argument("--runs", type=pathlib.Path, default=None,
                    help="folder of the per-run checkpoint folders (default runs/mnist_grid; quick: under --out)")
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only runs I, I+N, I+2N, ... of the grid (0-based, in the order recognition, "
-                        "grad, objective, seed), so that N processes share one grid's --runs folder")
+    add_shard_arg(p, "the grid (in the order recognition, grad, objective, seed)")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the JSON and figures")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     a = p.parse_args(argv)
     a.recognition = _names(a.recognition or ",".join(RECOGNITION), RECOGNITION, "recognition")
     a.grads = _names(a.grads or ",".join(GRAD_NAMES), tuple(g for g in GRAD_NAMES if g in GRADS), "grads")
     a.objectives = _names(a.objectives, OBJECTIVES, "objectives")
-    if a.shard is not None:
-        try:
-            i, n = (int(v) for v in a.shard.split("/"))
-        except ValueError:
-            raise tg.TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {a.shard!r}") from None
-        if not 0 <= i < n:
-            raise tg.TMCGraphError(f"--shard must be I/N with integers 0 <= I < N, got {a.shard!r}")
-        a.shard = (i, n)
     a.epochs = a.epochs or (1 if a.quick else 10)
     a.K = a.K or (4 if a.quick else 20)
     a.eval_K = a.eval_K or a.K
@@ -531,11 +523,7 @@ def main(argv=None) -> dict:
                            "coupling": a.coupling or DEFAULT, "train_images": len(train_x),
                            "test_images": len(test_x), "eval_every": a.eval_every, "data": source}
                     runs.append((cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
-    if a.shard is not None:
-        runs = runs[a.shard[0]::a.shard[1]]
-        if not runs:
-            raise tg.TMCGraphError(f"--shard {a.shard[0]}/{a.shard[1]} selects none of the grid's runs")
-    runs = [Run(cfg, folder) for cfg, folder in runs]
+    runs = [Run(cfg, folder) for cfg, folder in take_shard(runs, a.shard)]
     skipped = [r.key for r in runs if r.epoch >= a.epochs]
     if skipped:
         print(f"{len(skipped)} of {len(runs)} runs already have {a.epochs} epochs: skipped", flush=True)
@@ -576,7 +564,7 @@ def main(argv=None) -> dict:
                    "eval_every": a.eval_every, "last": a.last, "seeds": seeds, "recognition": a.recognition,
                    "grads": a.grads, "objectives": a.objectives, "coupling": a.coupling or DEFAULT,
                    "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped,
-                   "shard": None if a.shard is None else f"{a.shard[0]}/{a.shard[1]}"},
+                   "shard": a.shard},
         "machine": machine_info(), **threads,
         "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
         "figures": {"fig5": ppath.name, "fig6": fig6_path.name},

@@ -120,6 +120,22 @@ def test_a_truncated_schedule_continues_to_more_stages(table, tmp_path):
         table.main(_argv(a, *objs, "--stages", "1"))
 
 
+def test_shards_train_and_evaluate_what_one_process_does(table, tmp_path):
+    objs = ("--layers", "1", "--objectives", "vae:1,iwae:3")
+    whole = table.main(_argv(tmp_path / "whole", *objs))
+    parts = [table.main(_argv(tmp_path / "part", *objs, "--shard", f"{i}/2")) for i in range(2)]
+    assert [r["key"] for p in parts for r in p["runs"]] == [r["key"] for r in whole["runs"]]
+    ref = {r["key"]: r for r in whole["runs"]}
+    for p in parts:
+        for r in p["runs"]:
+            assert r["metrics"][0]["train_objective"] == ref[r["key"]]["metrics"][0]["train_objective"]
+            assert r["evaluation"]["nll"] == ref[r["key"]]["evaluation"]["nll"]
+    combined = table.main(_argv(tmp_path / "part", *objs))  # trains and evaluates nothing new
+    assert combined["table"] == whole["table"]
+    with pytest.raises(tg.TMCGraphError, match="--shard"):
+        table.main(_argv(tmp_path, *objs, "--shard", "2/2"))
+
+
 def test_cli_prints_an_error_line_with_status_2(table, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["burda_table.py"])
     assert table.cli(_argv(tmp_path, "--layers", "3")) == 2
