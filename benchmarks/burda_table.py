@@ -46,19 +46,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if another copy is installed
 
+import _common  # noqa: E402
 import torch  # noqa: E402
-from _common import (  # noqa: E402
-    add_shard_arg,
-    base_parser,
-    command_line,
-    machine_info,
-    output_paths,
-    pyplot,
-    save_figure,
-    set_threads,
-    take_shard,
-    write_json,
-)
+from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json  # noqa: E402,E501
 from mnist_grid import load_checkpoint, load_data, save_checkpoint  # noqa: E402
 
 import tmcgraph as tg  # noqa: E402
@@ -287,7 +277,7 @@ def parse(argv=None):
     p.add_argument("--synthetic", action="store_true", help="synthetic stroke images instead of MNIST")
     p.add_argument("--runs", type=pathlib.Path, default=None, help="folder of the per-run checkpoint folders")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the outputs")
-    add_shard_arg(p, "the table (in the order layers, objective, seed)")
+    _common.add_shard_arg(p, "the table (in the order layers, objective, seed)")
     a = p.parse_args(argv)
     try:
         a.layers = sorted({int(v) for v in a.layers.split(",") if v.strip()})
@@ -334,7 +324,7 @@ def main(argv=None) -> dict:
                        "adam_eps": a.adam_eps, "train_images": len(train_x), "data": source}
                 planned.append((cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}"))
     runs = []
-    for cfg, folder in take_shard(planned, a.shard):
+    for cfg, folder in _common.take_shard(planned, a.shard):
         r = Run(cfg, folder, pixel_means, a.stages)
         if r.epoch > a.epochs:
             raise tg.TMCGraphError(f"run {r.key} in {r.path.parent} has {r.epoch} epochs, more than the "
