@@ -18,6 +18,7 @@ import time
 import torch
 
 import tmcgraph as tg
+from tmcgraph.contrib.threads import torch_threads
 from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
 
 
@@ -62,8 +63,11 @@ def run(method, model, proposal, x, K, reps, seed, device):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    with torch_threads(a.threads):  # --threads for the run, the caller's count afterwards
+        return _run(a)
+
+
+def _run(a) -> dict:
     x = gaussian_toy_data(a.N, seed=a.seed).to(a.device)
     exact = float(gaussian_toy_log_evidence(x.cpu()))
     model, proposal = gaussian_toy(a.N)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributions import Normal
 
 import tmcgraph as tg
+from tmcgraph.contrib.threads import torch_threads
 from tmcgraph.infer.posterior import posterior, predictive_log_likelihood
 from tmcgraph.infer.rws import RWS
 
@@ -260,7 +261,11 @@ def sweep(model, proposal, x, ks, reps, seed, exact) -> dict:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    torch.set_num_threads(a.threads)
+    with torch_threads(a.threads):  # --threads for the run, the caller's count afterwards
+        return _run(a)
+
+
+def _run(a) -> dict:
     t, x = make_data(a.G, a.N, a.seed)
     heldout = np.zeros((a.G, a.N), dtype=bool)
     heldout[:, -1] = True  # the last observation of every group

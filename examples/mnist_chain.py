@@ -72,6 +72,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this che
 
 import tmcgraph as tg  # noqa: E402
 from tmcgraph.contrib import allocator, checkpoint  # noqa: E402
+from tmcgraph.contrib.threads import torch_threads  # noqa: E402
 from tmcgraph.data import mnist as mnist_data  # noqa: E402
 from tmcgraph.infer.objectives import GRADS, Loss, bound, objective  # noqa: E402
 from tmcgraph.infer.subsample import is_subsampled, subsample  # noqa: E402
@@ -481,11 +482,12 @@ def _load_checkpoint(path: pathlib.Path, config: dict, model, proposal, opt, shu
 def main(argv=None) -> dict:
     """Run training; return a summary dict (config, metrics, output directory)."""
     a = parse_args(argv)
-    ranks = start_processes(a)
-    try:
-        return _run(a, ranks)
-    finally:
-        stop_processes(ranks)
+    with torch_threads(a.threads):  # --threads for the run, the caller's count afterwards
+        ranks = start_processes(a)
+        try:
+            return _run(a, ranks)
+        finally:
+            stop_processes(ranks)
 
 
 def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
@@ -502,8 +504,6 @@ def _run(a: argparse.Namespace, ranks: Ranks) -> dict:
     elif ckpt_path.exists():
         raise tg.TMCGraphError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.allocator == "tuned":
         allocator.tune_allocator()
     device = ranks.device

@@ -45,6 +45,7 @@ import torch
 from torch.distributions import Normal
 
 import tmcgraph as tg
+from tmcgraph.contrib.threads import torch_threads
 from tmcgraph.infer.smc import SMC
 
 A = 0.9  #: AR(1) coefficient
@@ -208,7 +209,11 @@ def run(est, data: dict, seeds: int, seed: int, exact: float) -> dict:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    torch.set_num_threads(a.threads)
+    with torch_threads(a.threads):  # --threads for the run, the caller's count afterwards
+        return _run(a)
+
+
+def _run(a) -> dict:
     dtype = DTYPES[a.dtype]
     z, x = simulate(a.T, a.seed)
     exact = kalman_filter(x)["log_evidence"]

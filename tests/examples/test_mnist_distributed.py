@@ -11,6 +11,10 @@ definition (no DDP, one backward of the global mean). The runs use the default
 ``--full-data-bound`` (a subsampled data plate, each shard scaled by N / B_s); the
 reference uses the per-image model and forms the full-data figure, (N / B) times the
 batch's sum of per-image estimates, by hand.
+
+The reference runs on one torch thread, as the runs do (``--threads 1``,
+``OMP_NUM_THREADS=1``): a matrix product split over threads sums in another order, and
+Adam turns the last-bit differences of near-zero gradients into steps of size lr.
 """
 
 import gzip
@@ -101,6 +105,7 @@ def reference(d, epochs: int) -> list:
     batch's sum of per-image estimates), and the trained model and proposal.
     """
     ex = load_example()
+    torch.set_num_threads(1)  # as the runs (the autouse fixture restores the count)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model, proposal = mnist_vae.build("small", ex.COUPLING)
@@ -184,5 +189,7 @@ def test_shards_and_particle_seeds(tiny, tmp_path):
     assert ex.particle_seed(5, 1, 2, 3) == ex.particle_seed(5, 1, 2, 3)
     # with dregs (single process) the shards are back-propagated one by one: same update as the global mean
     d, _ = tiny
+    torch.set_num_threads(2)
     a = ex.main([*common(d, tmp_path / "a", 1), "--shards", "4", "--grad", "dregs"])
+    assert torch.get_num_threads() == 2  # --threads 1 held for the run only
     assert a["config"]["shards"] == 4 and np.isfinite(a["metrics"][0]["test_tmc"])

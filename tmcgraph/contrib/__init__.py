@@ -1,3 +1,3 @@
-"""Opt-in extras: the CPU allocator knob and safe checkpoints. Not imported by ``import tmcgraph``."""
+"""Opt-in extras: the CPU allocator and thread-count knobs and safe checkpoints. Not imported by ``import tmcgraph``."""
 
-__all__ = ["allocator", "checkpoint"]
+__all__ = ["allocator", "checkpoint", "threads"]
