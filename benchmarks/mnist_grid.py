@@ -60,6 +60,7 @@ import math
 import pathlib
 import statistics
 import sys
+import textwrap
 import time
 from typing import Optional
 
@@ -418,7 +419,8 @@ def plot_fig5(cv: dict, path, title: str) -> dict:
                 ax.set_xlabel("epoch")
             if j == 0:
                 ax.set_ylabel("test bound (nats per image)")
-    fig.suptitle(title + "\n(means over seeds; y-window from the second half of training)", fontsize=10)
+    fig.suptitle(textwrap.fill(title, 150) + "\n(means over seeds; y-window from the second half of training)",
+                 fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     return windows
@@ -447,7 +449,7 @@ def plot_fig6(f6: dict, path, title: str) -> None:
     a1.axhline(1.0, color="k", lw=0.8, ls="--")
     a1.set_ylabel("TMC / IWAE time per step")
     a1.set_title("TMC / IWAE per recognition model and estimator", fontsize=9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
