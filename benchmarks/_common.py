@@ -31,6 +31,7 @@ timing implementation, :func:`compare`:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ __all__ = [
     "tmcgraph_compiled_skip",
     "base_parser",
     "set_threads",
+    "keeps_process_state",
     "machine_info",
     "command_line",
     "output_paths",
@@ -106,6 +108,39 @@ def base_parser(description: str, seeds: int = 20) -> argparse.ArgumentParser:
                    help="'tuned': keep freed memory in the heap (tmcgraph.tune_allocator); default: leave malloc as is")
     p.set_defaults(default_seeds=seeds)
     return p
+
+
+def keeps_process_state(main: Callable) -> Callable:
+    """Decorate a benchmark's ``main``: the process state it sets is restored when it returns.
+
+    A benchmark fixes torch's intra-op thread count (:func:`set_threads`), turns
+    distribution argument validation off (:func:`no_distribution_validation`) and may seed
+    torch's global generator. These are right for the process that runs the script. The
+    tests call ``main`` in the pytest process, and there a changed thread count changes
+    the summation order of every later test's matrix products. So the decorated ``main``
+    restores the thread count, torch's (and Pyro's, when it is imported) default argument
+    validation and the CPU generator's state, whether it returns or raises. A tuned
+    allocator (``--allocator tuned``) is not undone: it is process-wide by design and
+    opted into by flag.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        validate = torch.distributions.Distribution._validate_args
+        pyro_validate = None
+        if sys.modules.get("pyro") is not None:
+            pyro_validate = sys.modules["pyro"].infer.util.is_validation_enabled()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return main(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            torch.distributions.Distribution.set_default_validate_args(validate)
+            if sys.modules.get("pyro") is not None:
+                sys.modules["pyro"].enable_validation(True if pyro_validate is None else pyro_validate)
+
+    return wrapper
 
 
 def set_threads(n: int, allocator: str = "default") -> dict:

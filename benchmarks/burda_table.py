@@ -48,7 +48,17 @@ sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if anothe
 
 import _common  # noqa: E402
 import torch  # noqa: E402
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json  # noqa: E402,E501
+from _common import (  # noqa: E402,E501
+    base_parser,
+    command_line,
+    keeps_process_state,
+    machine_info,
+    output_paths,
+    pyplot,
+    save_figure,
+    set_threads,
+    write_json,
+)
 from mnist_grid import load_checkpoint, load_data, save_checkpoint  # noqa: E402
 
 import tmcgraph as tg  # noqa: E402
@@ -306,6 +316,7 @@ def parse(argv=None):
     return a
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     a = parse(argv)
     threads = set_threads(a.threads, a.allocator)

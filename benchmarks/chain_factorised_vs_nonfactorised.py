@@ -39,6 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     base_parser,
     command_line,
+    keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
@@ -175,6 +176,7 @@ def _title(payload: dict) -> str:
             f"{payload['threads']['torch_threads']} thread(s), {payload['seeds_per_point']} seeds")
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--replot", type=pathlib.Path, default=None,

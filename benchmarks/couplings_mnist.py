@@ -44,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))  # this checkout's tmcgraph, even if another copy is installed
 
-from _common import base_parser, pyplot, save_figure, save_results, set_threads, summary  # noqa: E402
+from _common import base_parser, keeps_process_state, pyplot, save_figure, save_results, set_threads, summary  # noqa: E402
 
 import tmcgraph as tg  # noqa: E402
 from tmcgraph.data import mnist as mnist_data  # noqa: E402
@@ -116,6 +116,7 @@ def _interp(xs: list, ys: list, x: float) -> float:
     return ys[-1]
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     a = parse(argv)
     if a.replot is not None:

@@ -51,6 +51,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     base_parser,
     command_line,
+    keeps_process_state,
     machine_info,
     parse_list,
     pyplot,
@@ -349,6 +350,7 @@ def markdown(rows: list, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     p = parser()
     args = p.parse_args(argv)

@@ -73,6 +73,7 @@ from _common import (  # noqa: E402
     add_shard_arg,
     base_parser,
     command_line,
+    keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
@@ -507,6 +508,7 @@ def parse(argv=None):
     return a
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     a = parse(argv)
     threads = set_threads(a.threads, a.allocator)

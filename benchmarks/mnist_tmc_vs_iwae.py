@@ -31,6 +31,7 @@ sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if anothe
 from _common import (  # noqa: E402
     base_parser,
     command_line,
+    keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
@@ -64,6 +65,7 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     a = parse(argv)
     threads = set_threads(a.threads, a.allocator)

@@ -31,6 +31,7 @@ import sys
 import torch
 from _common import (
     base_parser,
+    keeps_process_state,
     pyplot,
     save_figure,
     save_results,
@@ -115,6 +116,7 @@ def _spawn(workload: str, allocator: str, size: dict, reps: int, threads: int, n
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=9)
     ap.add_argument("--processes", type=int, default=None, help="fresh processes per setting (default 3; quick 1)")

@@ -55,6 +55,7 @@ from _common import (
     compile_backend,
     compile_hand,
     compile_info,
+    keeps_process_state,
     limit_fields,
     measure_limits,
     no_distribution_validation,
@@ -190,6 +191,7 @@ def pyro_chain(n: int, K: int, pyro_mods, device="cpu", proposal: str = "factori
     return pyro_tmc_loss(pyro_mods, model, guide, K, max_plate_nesting=0)
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=7)
     add_device_arg(ap)

@@ -53,6 +53,7 @@ from _common import (
     compile_backend,
     compile_hand,
     compile_info,
+    keeps_process_state,
     limit_fields,
     measure_limits,
     no_distribution_validation,
@@ -192,6 +193,7 @@ def pyro_hmm_tmc(p: dict, pyro_mods):
     return lambda x: -elbo.differentiable_loss(mm, gg, x)
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     from perf_toy import pyro_or_none
 

@@ -33,6 +33,7 @@ import time
 import torch
 from _common import (
     base_parser,
+    keeps_process_state,
     pyplot,
     save_figure,
     save_results,
@@ -135,6 +136,7 @@ def run_child(R, K, limit, reps, timeout=1800) -> dict:
     return out
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         R, K, limit, reps = (int(a) for a in sys.argv[2:6])

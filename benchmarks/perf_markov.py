@@ -88,6 +88,7 @@ from _common import (
     compile_backend,
     compile_hand,
     compile_info,
+    keeps_process_state,
     limit_fields,
     measure_limits,
     no_distribution_validation,
@@ -392,6 +393,7 @@ def _key_ratio(rows: list) -> dict:
     return out
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     from perf_toy import pyro_or_none
 

@@ -56,6 +56,7 @@ from _common import (
     add_compile_arg,
     add_device_arg,
     base_parser,
+    keeps_process_state,
     no_distribution_validation,
     pyplot,
     save_figure,
@@ -299,6 +300,7 @@ def _spawn(args, workload, contender, size, mode) -> dict:
     return res
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__)
     add_device_arg(ap)

@@ -78,6 +78,7 @@ from _common import (
     compile_backend,
     compile_hand,
     compile_info,
+    keeps_process_state,
     limit_fields,
     measure_limits,
     no_distribution_validation,
@@ -386,6 +387,7 @@ def _merge_limits(tmc: dict, iwae: dict) -> dict:
     return out
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=15)
     add_device_arg(ap)

@@ -20,7 +20,17 @@ import sys
 import time
 
 import torch
-from _common import base_parser, command_line, machine_info, output_paths, pyplot, save_figure, set_threads, write_json
+from _common import (
+    base_parser,
+    command_line,
+    keeps_process_state,
+    machine_info,
+    output_paths,
+    pyplot,
+    save_figure,
+    set_threads,
+    write_json,
+)
 from perf_lattice import lattice
 
 import tmcgraph as tg
@@ -51,6 +61,7 @@ def _models(quick: bool):
     yield "mnist chain", tg.TMC(m, q, K=3 if quick else 20), (lambda b: {"x": torch.rand(b, 784)}), B
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=10)
     args = ap.parse_args(argv)

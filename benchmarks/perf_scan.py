@@ -40,6 +40,7 @@ from _common import (
     base_parser,
     best_limits,
     compare,
+    keeps_process_state,
     limit_fields,
     measure_limits,
     parse_list,
@@ -129,6 +130,7 @@ def _row(K, T, B, mode, reps, limits, max_elements):
             "limit": limit_fields(res, limits, exps=(T - 1) * B * K * K)}
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=7)
     ap.add_argument("--K", default=None, help="state counts, comma-separated (default 10,100; quick 3)")

@@ -54,6 +54,7 @@ import torch
 from _common import (
     base_parser,
     clock,
+    keeps_process_state,
     no_distribution_validation,
     pyplot,
     save_figure,
@@ -221,6 +222,7 @@ def _chunk_arg(s: str) -> list:
     return out
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__)
     ap.add_argument("--N", type=int, default=None, help="elements of the plate 'data' (default 20000; quick 200)")

@@ -64,6 +64,7 @@ from _common import (
     compile_backend,
     compile_hand,
     compile_info,
+    keeps_process_state,
     limit_fields,
     machine_info,
     measure_limits,
@@ -184,6 +185,7 @@ def pyro_toy(K: int, p: dict, pyro_mods, device="cpu"):
     return pyro_tmc_loss(pyro_mods, model, guide, K, max_plate_nesting=1)
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     ap = base_parser(__doc__, seeds=11)
     add_device_arg(ap)

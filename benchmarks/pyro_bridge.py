@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     base_parser,
     command_line,
     compare,
+    keeps_process_state,
     machine_info,
     no_distribution_validation,
     output_paths,
@@ -324,6 +325,7 @@ def plot(payload, path):
     save_figure(fig, path)
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     parser = base_parser(__doc__, seeds=15)
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     base_parser,
     command_line,
+    keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
@@ -238,6 +239,7 @@ def _title(payload: dict) -> str:
             f"{payload['seeds_per_point']} seeds, {mach['cpu']} ({mach['cpu_count']} cores)")
 
 
+@keeps_process_state
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--replot", type=pathlib.Path, default=None,
