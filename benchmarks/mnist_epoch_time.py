@@ -106,16 +106,14 @@ def main(argv=None) -> dict:
     b = 0
     for _ in range(repeats):
         for c in contenders:
-            ts = []
             for _ in range(steps):
                 xb = batches[b % len(batches)]
                 b += 1
                 t0, w0 = time.process_time(), time.perf_counter()
                 v = c.step(xb)
-                ts.append(time.process_time() - t0)
+                c.times.append(time.process_time() - t0)
                 c.wall.append(time.perf_counter() - w0)
                 c.values.append(v)
-            c.times.extend(ts)
     rows = {}
     for c in contenders:
         s = summary(c.times)
