@@ -104,7 +104,7 @@ def test_iwae_gradients_equal_textbook_per_sample_formulas(f64, grad):
     assert torch.allclose(-g_q, t_q, atol=1e-9)
 
 
-def chain(coupling):
+def chain(coupling, lik=None):
     """Two-latent chain in a data plate with a non-factorised amortised proposal."""
 
     class Q2(nn.Module):
@@ -129,7 +129,7 @@ def chain(coupling):
     m.plate("data")
     m.latent("z1", lambda: Normal(0.0, 1.0), plate="data")
     m.latent("z2", P2(), plate="data", parents=["z1"])
-    m.observed("x", Lik(), plate="data", parents=["z2"])
+    m.observed("x", lik if lik is not None else Lik(), plate="data", parents=["z2"])
     q = tg.Proposal(m)
     q.latent("z1", Enc(0.2, 0.0, 0.9), plate="data", parents=["x"])
     q.latent("z2", Q2(), plate="data", parents=["z1", "x"], coupling=coupling)
@@ -147,14 +147,18 @@ def all_combinations(factors, dims):
     return total
 
 
+@pytest.mark.parametrize("warm", [0, 2], ids=["first-call", "program"])
 @pytest.mark.parametrize("coupling", ["mixture", "paired"])
 @pytest.mark.parametrize("grad", GRADS)
-def test_tmc_gradients_equal_enumeration_of_all_combinations(f64, grad, coupling):
+def test_tmc_gradients_equal_enumeration_of_all_combinations(f64, grad, coupling, warm):
+    """``warm`` earlier calls: the checked call then runs through the structure's cached program."""
     torch.manual_seed(2)
     m, q = chain(coupling)
     x = torch.randn(3)
     K = 3
     est = tg.TMC(m, q, K=K)
+    for w in range(warm):
+        objective(est, {"x": x}, grad, seed=100 + w)
     o = objective(est, {"x": x}, grad, seed=5)
     o.backward()
     pq, pm = list(q.parameters()), list(m.parameters())
@@ -175,6 +179,38 @@ def test_tmc_gradients_equal_enumeration_of_all_combinations(f64, grad, coupling
         target = torch.logsumexp(logw, 0).mean()
     t_q = torch.stack(torch.autograd.grad(target, pq))
     assert torch.allclose(-g_q, t_q, atol=1e-9)
+
+
+class CountingLik(Lik):
+    """:class:`Lik` that counts its calls (each builds the likelihood factor once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, z):
+        self.calls += 1
+        return super().forward(z)
+
+
+@pytest.mark.parametrize("cls", [tg.TMC, tg.IWAE])
+def test_every_gradient_estimator_builds_each_factor_once_per_call(cls):
+    """DReGs contracts the factors twice (sum w and sum w^2) but builds them once.
+
+    Truth: the number of calls of the likelihood's callable. After the first call a
+    structure's value comes from its cached program; reading the factor graph afterwards
+    would build every factor (and its autograd graph) a second time.
+    """
+    for grad in GRADS:
+        lik = CountingLik()
+        m, q = chain("mixture", lik)
+        est = cls(m, q, K=3)
+        x = torch.randn(4)
+        for call in range(3):
+            before = lik.calls
+            o = objective(est, {"x": x}, grad, seed=call)
+            o.backward()
+            assert lik.calls - before == 1, (grad, call, lik.calls - before)
 
 
 def test_tmc_dregs_surrogate_is_papers_eq22_with_brute_force_sums(f64):

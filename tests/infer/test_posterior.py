@@ -438,8 +438,12 @@ def _mvn_logpdf(x, cov):
     return -0.5 * (x @ np.linalg.solve(cov, x) + logdet + len(x) * math.log(2 * math.pi))
 
 
-def test_predictive_equals_brute_force_ratio(f64):
+@pytest.mark.parametrize("warm", [0, 2], ids=["first-call", "program"])
+def test_predictive_equals_brute_force_ratio(f64, warm):
+    """``warm`` earlier calls: the checked one then finds the structure's cached program."""
     est, data = _toy(K=3, N=3)
+    for w in range(warm):
+        predictive_log_likelihood(est, data, {"x": torch.tensor([False, False, True])}, seed=10 + w)
     s = est.sample(data, seed=0)
     got = predictive_log_likelihood(est, data, {"x": torch.tensor([False, False, True])}, samples=s)
     fs = est.factor_graph(s).factors

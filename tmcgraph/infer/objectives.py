@@ -162,6 +162,8 @@ class Objective:
     reparam = True
     #: Whether the estimator is valid when a plate is subsampled.
     subsample = True
+    #: :meth:`proposal_loss` reads the factor graph: build it once, with the value.
+    needs_graph = False
 
     def _start(self, est: TMC, data: dict) -> tuple:
         """Check the estimator; the proposal's parameters and the ``elementwise`` option of the runs."""
@@ -183,7 +185,7 @@ class Objective:
     def __call__(self, est: TMC, data: dict, seed=None) -> Loss:
         """The minibatch :class:`Loss` of ``est`` on ``data``."""
         pp, elementwise = self._start(est, data)
-        ev = est.run(data, seed, elementwise, detach_proposal=self.detach_proposal)
+        ev = est.run(data, seed, elementwise, detach_proposal=self.detach_proposal, with_graph=self.needs_graph)
         if self.reparam:
             check_reparameterised(est, ev.samples, self.name)
         value = ev.log_evidence
@@ -216,6 +218,7 @@ class DReGs(Objective):
     name = "dregs"
     detach_proposal = True
     subsample = False  # the doubled factors of a subsampled plate's message are not sum w^2
+    needs_graph = True
 
     def proposal_loss(self, ev: Evaluation) -> torch.Tensor:
         value = ev.log_evidence

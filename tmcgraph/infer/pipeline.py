@@ -112,6 +112,7 @@ def evaluate(
     detach_proposal: bool = False,
     fixed: bool = False,
     marginals: bool = False,
+    with_graph: bool = False,
 ) -> Evaluation:
     """Run the pipeline of ``estimator`` (a :class:`~tmcgraph.infer.estimators.TMC` or subclass).
 
@@ -126,12 +127,18 @@ def evaluate(
             objectives such as RWS): they are detached before the factors are built.
         marginals: Also compute every index marginal (one adjoint pass); the value then
             stays differentiable w.r.t. whatever the factors depend on.
+        with_graph: Build the factor graph and contract it here, not through the
+            structure's program, so that :attr:`Evaluation.graph` is the graph the value
+            was computed from. For consumers that contract the same factors again (the
+            sum of squared weights of DReGs, held-out predictives): after a program has
+            computed the value, :attr:`Evaluation.graph` would build every factor, and
+            its autograd graph, a second time.
 
     Returns:
         The :class:`Evaluation`.
     """
     programs = getattr(estimator, "programs", None)
-    use_program = programs is not None and not marginals
+    use_program = programs is not None and not marginals and not with_graph
     if samples is None:
         if data is None:
             raise TMCGraphError("evaluate needs data or samples")

@@ -280,7 +280,7 @@ def predictive_log_likelihood(
     Returns:
         The scalar estimate (differentiable w.r.t. model and proposal parameters).
     """
-    ev = estimator.run(data, seed, samples=samples)
+    ev = estimator.run(data, seed, samples=samples, with_graph=True)
     masks = _heldout_masks(estimator.model, ev.samples, heldout)
     rest = []
     for f in ev.graph.factors:
