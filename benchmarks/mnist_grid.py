@@ -48,6 +48,9 @@ Its run folders are kept in the repository, so the protocol continues from where
 invocation stopped. ``--shard I/N`` runs every N-th run of the grid, so that N processes
 (``--shard 0/2`` and ``--shard 1/2`` on two cores) share one ``--runs`` folder; a last
 invocation without ``--shard`` skips the finished runs and writes the combined outputs.
+``--report`` trains nothing: it writes the outputs from the checkpoints in ``--runs`` as
+they stand (each run at the epoch it has reached; runs without a checkpoint are listed
+under ``budget.runs_missing``), so a snapshot can be taken while other processes train.
 
 CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs).
 ``--quick`` runs the whole grid (3 x 3 x 2 runs) for one epoch on 128 synthetic images.
@@ -392,15 +395,12 @@ def plot_fig5(cv: dict, path, title: str) -> dict:
                         ax.plot(c["epochs"], ys, STYLES[grad], color=color, marker="o", ms=3, label=label)
                         window_vals += [y for e, y in zip(c["epochs"], ys) if e > half]
                         drawn += 1
+            notes = []
             if i == 0:
-                notes = []
                 for grad in GRAD_NAMES:
                     ct, ci = cv.get(f"{rec}/{grad}/tmc"), cv.get(f"{rec}/{grad}/iwae")
                     if ct and ci and ct["epochs"] and ci["epochs"] and ct["epochs"][-1] == ci["epochs"][-1]:
                         notes.append(f"{grad}, epoch {ct['epochs'][-1]}: {ct['tmc'][-1] - ci['tmc'][-1]:+.2f}")
-                if notes:
-                    ax.text(0.02, 0.02, "TMC bound, TMC- minus IWAE-trained:\n" + "\n".join(notes),
-                            transform=ax.transAxes, fontsize=7, va="bottom")
             if not drawn:
                 ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
                 ax.set_xticks([])
@@ -410,7 +410,8 @@ def plot_fig5(cv: dict, path, title: str) -> dict:
                 if w:
                     ax.set_ylim(*w)
                     windows[f"{rec}/{rtitle[0]}"] = list(w)
-                ax.legend(fontsize=7)
+                lead = "TMC bound, TMC- minus IWAE-trained:\n" + "\n".join(notes) if notes else None
+                ax.legend(fontsize=7, **({"title": lead, "title_fontsize": 7} if lead else {}))
                 ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(f"{rec} recognition model\n{rtitle}", fontsize=9)
@@ -490,7 +491,12 @@ def parse(argv=None):
     add_shard_arg(p, "the grid (in the order recognition, grad, objective, seed)")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the JSON and figures")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the outputs from the checkpoints found in --runs, at whatever epoch "
+                        "each run has reached (runs with no checkpoint are listed as missing)")
     a = p.parse_args(argv)
+    if a.report and a.epochs is not None:
+        raise tg.TMCGraphError("--report trains nothing, so it takes no --epochs")
     a.recognition = _names(a.recognition or ",".join(RECOGNITION), RECOGNITION, "recognition")
     a.grads = _names(a.grads or ",".join(GRAD_NAMES), tuple(g for g in GRAD_NAMES if g in GRADS), "grads")
     a.objectives = _names(a.objectives, OBJECTIVES, "objectives")
@@ -528,11 +534,20 @@ def main(argv=None) -> dict:
                            "test_images": len(test_x), "eval_every": a.eval_every, "data": source}
                     runs.append((cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
     runs = [Run(cfg, folder) for cfg, folder in take_shard(runs, a.shard)]
+    missing = []
+    if a.report:
+        missing = [r.key for r in runs if r.epoch == 0]
+        runs = [r for r in runs if r.epoch > 0]
+        if not runs:
+            raise tg.TMCGraphError(f"--report: no run of this grid has a checkpoint under {runs_dir}")
+        if missing:
+            print(f"--report: {len(missing)} run(s) have no checkpoint yet: {', '.join(missing)}", flush=True)
+        a.epochs = max(r.epoch for r in runs)
     skipped = [r.key for r in runs if r.epoch >= a.epochs]
-    if skipped:
+    if skipped and not a.report:
         print(f"{len(skipped)} of {len(runs)} runs already have {a.epochs} epochs: skipped", flush=True)
     t0 = time.perf_counter()
-    for epoch in range(1, a.epochs + 1):
+    for epoch in range(1, 0 if a.report else a.epochs + 1):
         for r in runs:
             if r.epoch >= epoch:
                 continue
@@ -546,11 +561,13 @@ def main(argv=None) -> dict:
                   f"({rec['train_cpu_s']:.1f} CPU s, {rec['steps']} steps)", flush=True)
     wall = time.perf_counter() - t0
     done = [{"key": r.key, "config": r.config, "epochs": r.epoch, "metrics": r.metrics} for r in runs]
+    lo = min(r.epoch for r in runs)
+    epochs_text = f"{lo}-{a.epochs} epochs" if lo < a.epochs else f"{a.epochs} epoch(s)"
     setting = a.setting or (
         f"{'synthetic images' if source == 'synthetic' else 'MNIST'}: {len(train_x)} training / {len(test_x)} test "
-        f"images, {a.epochs} epoch(s), batch {a.batch_size}, K={a.K} (eval K={a.eval_K}), seeds {len(seeds)}, "
+        f"images, {epochs_text}, batch {a.batch_size}, K={a.K} (eval K={a.eval_K}), seeds {len(seeds)}, "
         f"recognition {','.join(a.recognition)}, grads {','.join(a.grads)}")
-    paper = a.epochs >= 1200 and len(train_x) == FULL_TRAIN and len(test_x) == 10000
+    paper = lo >= 1200 and len(train_x) == FULL_TRAIN and len(test_x) == 10000
     cv, t1, f6 = curves(done), table1(done, a.last), fig6(done)
     jpath, ppath = output_paths(a.out, NAME, a.quick)
     fig6_path = ppath.with_name(ppath.stem + "_fig6.png")
@@ -568,7 +585,8 @@ def main(argv=None) -> dict:
                    "eval_every": a.eval_every, "last": a.last, "seeds": seeds, "recognition": a.recognition,
                    "grads": a.grads, "objectives": a.objectives, "coupling": a.coupling or DEFAULT,
                    "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped,
-                   "shard": a.shard},
+                   "shard": a.shard, "report_only": a.report, "runs_missing": missing,
+                   "epochs_per_run": {r.key: r.epoch for r in runs}},
         "machine": machine_info(), **threads,
         "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
         "figures": {"fig5": ppath.name, "fig6": fig6_path.name},

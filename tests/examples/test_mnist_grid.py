@@ -73,6 +73,25 @@ def test_resumed_runs_equal_uninterrupted_ones_and_complete_runs_are_skipped(gri
     assert saved["state"]["epoch"] == 2 and saved["config"]["K"] == 4
 
 
+def test_report_writes_outputs_from_checkpoints_and_trains_nothing(grid, tmp_path):
+    trained = grid.main(_argv(tmp_path, "--epochs", "2"))
+    cks = sorted((tmp_path / "runs").glob("*/checkpoint.pt"))
+    before = {c: c.read_bytes() for c in cks}
+    out = grid.main(_argv(tmp_path, "--report", "--grads", "reparam,stl", plots=True))
+    assert {c: c.read_bytes() for c in cks} == before  # nothing trained, nothing saved
+    assert not (tmp_path / "runs" / "small-stl-tmc-seed0").exists()
+    assert sorted(out["budget"]["runs_missing"]) == ["small-stl-iwae-seed0", "small-stl-tmc-seed0"]
+    assert out["budget"]["report_only"] and out["budget"]["epochs_per_run"] == {
+        "small-reparam-tmc-seed0": 2, "small-reparam-iwae-seed0": 2}
+    assert [r["metrics"] for r in out["runs"]] == [r["metrics"] for r in trained["runs"]]
+    assert out["table1"] == trained["table1"]
+    assert (tmp_path / "mnist_grid_quick.png").exists()
+    with pytest.raises(tg.TMCGraphError, match="--report trains nothing"):
+        grid.main(_argv(tmp_path, "--report", "--epochs", "3"))
+    with pytest.raises(tg.TMCGraphError, match="no run of this grid has a checkpoint"):
+        grid.main(_argv(tmp_path, "--report", "--grads", "dregs"))
+
+
 def test_a_run_with_another_configuration_is_refused(grid, tmp_path):
     grid.main(_argv(tmp_path, "--epochs", "1"))
     with pytest.raises(tg.TMCGraphError, match=r"K: checkpoint 4 vs requested 5"):
