@@ -202,3 +202,18 @@ def test_planning_benchmark_counts_no_searches_after_first_call(tmp_path):
         assert row["later_calls_searches"] == 0
         if "new_shape_searches" in row:
             assert row["new_shape_searches"] == 1 and row["back_to_first_shape_searches"] == 0
+
+
+def test_densities_benchmark_alternates_contenders_and_restores_the_kernel(tmp_path):
+    from torch.distributions import Independent
+
+    from tmcgraph.sampling import densities
+
+    kernel = densities._REGISTRY[Independent]
+    _, data = _run("perf_densities", tmp_path)
+    assert densities._REGISTRY[Independent] is kernel
+    assert [r["workload"] for r in data["rows"]] == ["op-mnist", "op-burda", "mnist-iwae", "mnist-tmc", "burda-L5000"]
+    for row in data["rows"]:
+        assert row["torch_over_fused"] > 0 and row["max_relative_difference"] <= 1e-4
+    with pytest.raises(Exception, match="unknown"):
+        _module("perf_densities").main(["--quick", "--out", str(tmp_path), "--workloads", "op-gpu"])

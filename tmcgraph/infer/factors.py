@@ -23,6 +23,7 @@ from ..model import Model
 from ..ops.factor import Factor, FactorGraph
 from ..particles import Samples, check_batch_shape, parent_inputs, place
 from ..sampling.context import Context
+from ..sampling.densities import log_prob
 from ..sampling.markov import markov_view, prev_dim, prev_pairs
 from .subsample import plate_scales
 
@@ -31,10 +32,10 @@ __all__ = ["factor_graph", "factor_builders", "graph_meta"]
 
 def _log_prob(role: str, name: str, d, value, target: list, labels: list, check: bool = True) -> torch.Tensor:
     if not check:  # a program's later calls: the structure's first call checked these shapes
-        return d.log_prob(value).expand(target)
+        return log_prob(d, value).expand(target)
     check_batch_shape(name, role, d, target, labels)
     try:
-        lp = d.log_prob(value)
+        lp = log_prob(d, value)
     except Exception as e:
         raise TMCGraphError(
             f"{role} log_prob of {name!r} failed: value shape {tuple(value.shape)}, distribution batch shape "

@@ -55,6 +55,7 @@ from ..model import Model, Proposal, check_inference_inputs
 from ..particles import check_batch_shape, place
 from ..sampling.context import Context
 from ..sampling.data import bind_data
+from ..sampling.densities import log_prob
 from .subsample import plate_scales
 
 __all__ = ["SMC", "SMCResult", "RESAMPLING", "resample_indices", "effective_sample_size"]
@@ -350,7 +351,7 @@ class _Run:
         d = d.expand(target)
         z = self._ctx.sample(d, ())
         values[n] = z
-        lq = d.log_prob(z)
+        lq = log_prob(d, z)
         return lq.reshape(self.K, -1).sum(-1)
 
     def _factor(self, n: str, values: dict, element) -> torch.Tensor:
@@ -363,7 +364,7 @@ class _Run:
         self._check(n, role, d, target, plates)
         x = values[n] if n in values else place(self._data(n, element), (), plates, (_K,), plates)
         try:
-            lp = d.log_prob(x)
+            lp = log_prob(d, x)
             if lp.dim() != len(target) or list(lp.shape[1:]) != sizes:
                 lp = lp.expand(torch.broadcast_shapes(lp.shape, torch.Size([1] + sizes)))
         except Exception as e:

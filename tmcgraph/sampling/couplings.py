@@ -54,6 +54,7 @@ from ..errors import TMCGraphError
 from ..model import Proposal, Variable
 from ..particles import Deferred, Samples, check_batch_shape, expand_plates, parent_inputs, place
 from .context import Context
+from .densities import log_prob
 from .reflect import Unsupported, flatten, gather_dist, unflatten
 
 __all__ = [
@@ -174,7 +175,7 @@ class Coupling:
 
 def _log_prob_at(d, z: torch.Tensor, shape: list) -> torch.Tensor:
     """``d.log_prob(z)`` with batch shape ``shape``, ``d``'s batch shape broadcasting to it."""
-    lp = d.log_prob(z)
+    lp = log_prob(d, z)
     return lp if list(lp.shape) == list(shape) else lp.expand(shape)
 
 
@@ -473,7 +474,7 @@ def _mixture_reduce(grid, z, dim, plates, pdims, Kps, pshape, memory_limit=None)
 
 def _mixture_chunk(grid, z, dim, plates, pdims, Kps, pshape) -> torch.Tensor:
     zg = place(z, (dim,), plates, (dim,) + tuple(pdims), plates)
-    lg = grid.log_prob(zg)
+    lg = log_prob(grid, zg)
     lg = lg.expand([z.shape[0]] + list(Kps) + list(pshape))  # Q may ignore a parent
     red = list(range(1, 1 + len(pdims)))
     return torch.logsumexp(lg, dim=red) - sum(math.log(k) for k in Kps)
