@@ -29,9 +29,10 @@ every run's metrics, the table, the published numbers, the orderings checked),
 published numbers beside it) and ``burda_table.png``. ``--quick``: synthetic images,
 a tiny schedule and ``L_200``, for the tests.
 
-The full protocol (hours to days on a CPU; not run here)::
+The full protocol (days on a CPU; a GPU job, ``--device cuda``, run with the grid by
+``benchmarks/gpu_papers.sh``; not run here)::
 
-    python benchmarks/burda_table.py --data ../shared/data/mnist --stages 8
+    python benchmarks/burda_table.py --data ../shared/data/mnist --stages 8 --device cuda
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ from _common import (  # noqa: E402,E501
     machine_info,
     output_paths,
     pyplot,
+    resolve_device,
     save_figure,
     set_threads,
+    synchronize,
     write_json,
 )
 from mnist_grid import load_checkpoint, load_data, save_checkpoint  # noqa: E402
@@ -82,20 +85,30 @@ def binarize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class Run:
     """One model trained with one objective: weights, optimiser, generators, metrics, checkpoint."""
 
-    def __init__(self, config: dict, folder: pathlib.Path, pixel_means: torch.Tensor, stages: int = 8):
+    def __init__(self, config: dict, folder: pathlib.Path, pixel_means: torch.Tensor, stages: int = 8,
+                 device="cpu"):
         self.config = config
+        self.device = torch.device(device)
         self.stages = stages  # not part of the configuration: an epoch's rate does not depend on it
         self.path = pathlib.Path(folder) / "checkpoint.pt"
         self.obj = burda.parse_objective(config["objective"])
         self.model, self.proposal = burda.build(config["layers"], pixel_means=pixel_means, seed=config["seed"])
+        self.model.to(self.device)
+        self.proposal.to(self.device)
         params = list(self.model.parameters()) + list(self.proposal.parameters())
         self.opt = torch.optim.Adam(params, lr=config["lr"], eps=config["adam_eps"])
         self.shuffle = torch.Generator().manual_seed(config["seed"] + 1)
-        self.particles = torch.Generator().manual_seed(config["seed"] + 2)
-        self.binarizer = torch.Generator().manual_seed(config["seed"] + 3)
+        self.particles = torch.Generator(device=self.device).manual_seed(config["seed"] + 2)
+        self.binarizer = torch.Generator(device=self.device).manual_seed(config["seed"] + 3)
         self.epoch, self.metrics, self.evaluation = 0, [], None
         state = load_checkpoint(self.path, config, CONFIG_KEYS, kind=KIND)
         if state is not None:
+            trained_on = state.get("rng_device", "cpu")
+            if trained_on != self.device.type:
+                raise tg.TMCGraphError(
+                    f"run {self.key} in {self.path.parent} was trained on {trained_on}; its random streams cannot "
+                    f"continue on {self.device.type}: continue it with --device {trained_on}, or train on "
+                    f"{self.device.type} in another --runs folder")
             self.model.load_state_dict(state["model"])
             self.proposal.load_state_dict(state["proposal"])
             self.opt.load_state_dict(state["optimizer"])
@@ -115,6 +128,7 @@ class Run:
             "model": self.model.state_dict(), "proposal": self.proposal.state_dict(),
             "optimizer": self.opt.state_dict(), "shuffle_rng": self.shuffle.get_state(),
             "particle_rng": self.particles.get_state(), "binarize_rng": self.binarizer.get_state(),
+            "rng_device": self.device.type,
         })
 
     def train_epoch(self, train_x: torch.Tensor) -> dict:
@@ -123,8 +137,8 @@ class Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         xs = binarize(train_x, self.binarizer)
-        cpu0 = time.process_time()
-        order = torch.randperm(len(xs), generator=self.shuffle)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        order = torch.randperm(len(xs), generator=self.shuffle).to(xs.device)
         total, n, steps = 0.0, 0, 0
         for ib in order.split(c["batch_size"]):
             o = self.obj(self.model, self.proposal, {"x": xs[ib]}, seed=self.particles)
@@ -137,10 +151,14 @@ class Run:
             total += o.mean * len(ib)
             n += len(ib)
             steps += 1
+        synchronize(self.device)
         self.epoch += 1
         self.evaluation = None  # the weights changed
-        return {"epoch": self.epoch, "lr": lr, "train_objective": total / n,
-                "train_cpu_s": time.process_time() - cpu0, "steps": steps}
+        rec = {"epoch": self.epoch, "lr": lr, "train_objective": total / n,
+               "train_cpu_s": time.process_time() - cpu0, "train_wall_s": time.perf_counter() - wall0, "steps": steps}
+        if self.device.type != "cpu":
+            rec["device"] = self.device.type
+        return rec
 
     def evaluate(self, test_x: torch.Tensor, settings: dict) -> dict:
         cpu0 = time.process_time()
@@ -288,6 +306,7 @@ def parse(argv=None):
     p.add_argument("--runs", type=pathlib.Path, default=None, help="folder of the per-run checkpoint folders")
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the outputs")
     _common.add_shard_arg(p, "the table (in the order layers, objective, seed)")
+    _common.add_device_arg(p)
     a = p.parse_args(argv)
     try:
         a.layers = sorted({int(v) for v in a.layers.split(",") if v.strip()})
@@ -320,9 +339,14 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     a = parse(argv)
     threads = set_threads(a.threads, a.allocator)
+    try:
+        device = resolve_device(a.device)
+    except SystemExit as e:
+        raise tg.TMCGraphError(str(e)) from None
     train_x, test_x, source = load_data(a)
-    test_b = binarize(test_x, torch.Generator().manual_seed(12345))
+    test_b = binarize(test_x, torch.Generator().manual_seed(12345)).to(device)  # the same images on every device
     pixel_means = train_x.mean(0)
+    train_x = train_x.to(device)
     runs_dir = a.runs or (pathlib.Path(a.out) / "burda_table_quick_runs" if a.quick else pathlib.Path("runs/burda"))
     seeds = list(range(a.seeds or 1))
     planned = []
@@ -336,7 +360,7 @@ def main(argv=None) -> dict:
                 planned.append((cfg, runs_dir / f"L{L}-{spec.replace(':', '_')}-seed{seed}"))
     runs = []
     for cfg, folder in _common.take_shard(planned, a.shard):
-        r = Run(cfg, folder, pixel_means, a.stages)
+        r = Run(cfg, folder, pixel_means, a.stages, device)
         if r.epoch > a.epochs:
             raise tg.TMCGraphError(f"run {r.key} in {r.path.parent} has {r.epoch} epochs, more than the "
                                    f"{a.epochs} requested; ask for at least {r.epoch} epochs or choose "
@@ -378,7 +402,7 @@ def main(argv=None) -> dict:
                    "adam_eps": a.adam_eps, "train_images": len(train_x), "test_images": len(test_x),
                    "data": source, "seeds": seeds, **settings, "wall_seconds_this_invocation": wall,
                    "shard": a.shard},
-        "machine": machine_info(), **threads,
+        "machine": machine_info(str(device)), "device": str(device), **threads,
         "table": tab, "published": {f"{L}/{k}": v for (L, k), v in burda.PUBLISHED.items()},
         "published_note": "Burda et al. (2016) Table 1, MNIST: 3280 epochs, full data, NLL = -L_5000",
         "runs": done,

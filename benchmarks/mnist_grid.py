@@ -52,7 +52,9 @@ invocation without ``--shard`` skips the finished runs and writes the combined o
 they stand (each run at the epoch it has reached; runs without a checkpoint are listed
 under ``budget.runs_missing``), so a snapshot can be taken while other processes train.
 
-CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs).
+CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs). The
+paper's protocol is a GPU job: ``--device cuda`` (epochs then timed in wall seconds);
+``benchmarks/gpu_papers.sh`` runs the whole grid at 1200 epochs, sharded over GPUs.
 ``--quick`` runs the whole grid (3 x 3 x 2 runs) for one epoch on 128 synthetic images.
 """
 
@@ -73,6 +75,7 @@ sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if anothe
 
 import torch  # noqa: E402
 from _common import (  # noqa: E402
+    add_device_arg,
     add_shard_arg,
     base_parser,
     command_line,
@@ -80,8 +83,10 @@ from _common import (  # noqa: E402
     machine_info,
     output_paths,
     pyplot,
+    resolve_device,
     save_figure,
     set_threads,
+    synchronize,
     take_shard,
     write_json,
 )
@@ -197,20 +202,29 @@ def build_model(recognition: str, coupling, seed: int):
 class Run:
     """One training run of the grid: model, optimiser, private generators, metrics, checkpoint."""
 
-    def __init__(self, config: dict, folder: pathlib.Path):
+    def __init__(self, config: dict, folder: pathlib.Path, device="cpu"):
         self.config = config
         self.folder = pathlib.Path(folder)
         self.path = self.folder / "checkpoint.pt"
+        self.device = torch.device(device)
         self.model, self.proposal = build_model(config["recognition"], config["coupling"], config["seed"])
+        self.model.to(self.device)
+        self.proposal.to(self.device)
         cls = tg.TMC if config["objective"] == "tmc" else tg.IWAE
-        self.est = cls(self.model, self.proposal, K=config["K"], compile=False)
+        self.est = cls(self.model, self.proposal, K=config["K"], compile=False, device=self.device)
         params = list(self.model.parameters()) + list(self.proposal.parameters())
         self.opt = torch.optim.Adam(params, lr=config["lr"], eps=config["adam_eps"])
         self.shuffle = torch.Generator().manual_seed(config["seed"] + 1)
-        self.particles = torch.Generator().manual_seed(config["seed"] + 2)
+        self.particles = torch.Generator(device=self.device).manual_seed(config["seed"] + 2)
         self.epoch, self.metrics = 0, []
         state = load_checkpoint(self.path, config, CONFIG_KEYS)
         if state is not None:
+            trained_on = state.get("particle_rng_device", "cpu")
+            if trained_on != self.device.type:
+                raise tg.TMCGraphError(
+                    f"run {self.key} in {self.folder} was trained on {trained_on}; its random streams cannot "
+                    f"continue on {self.device.type}: continue it with --device {trained_on}, or train on "
+                    f"{self.device.type} in another --runs folder")
             self.model.load_state_dict(state["model"])
             self.proposal.load_state_dict(state["proposal"])
             self.opt.load_state_dict(state["optimizer"])
@@ -228,7 +242,7 @@ class Run:
             "config": self.config, "epoch": self.epoch, "metrics": self.metrics,
             "model": self.model.state_dict(), "proposal": self.proposal.state_dict(),
             "optimizer": self.opt.state_dict(), "shuffle_rng": self.shuffle.get_state(),
-            "particle_rng": self.particles.get_state(),
+            "particle_rng": self.particles.get_state(), "particle_rng_device": self.device.type,
         })
 
     def train_epoch(self, train_x: torch.Tensor) -> dict:
@@ -241,7 +255,7 @@ class Run:
         idx = batches(len(train_x), c["batch_size"], shuffle=True, generator=self.shuffle)
         total, n = 0.0, 0
         for step, ib in enumerate(idx):
-            o = objective(self.est, {"x": train_x[ib]}, c["grad"], seed=self.particles)
+            o = objective(self.est, {"x": train_x[ib.to(train_x.device)]}, c["grad"], seed=self.particles)
             if not torch.isfinite(o.loss):
                 raise tg.TMCGraphError(f"run {self.key}: non-finite training objective at epoch {self.epoch + 1}, "
                                        f"step {step}; the last checkpoint is kept")
@@ -250,16 +264,20 @@ class Run:
             self.opt.step()
             total += o.mean * len(ib)
             n += len(ib)
+        synchronize(self.device)
         self.epoch += 1
-        return {"epoch": self.epoch, "train_objective": total / n, "train_cpu_s": time.process_time() - cpu0,
-                "train_wall_s": time.perf_counter() - wall0, "steps": len(idx)}
+        rec = {"epoch": self.epoch, "train_objective": total / n, "train_cpu_s": time.process_time() - cpu0,
+               "train_wall_s": time.perf_counter() - wall0, "steps": len(idx)}
+        if self.device.type != "cpu":
+            rec["device"] = self.device.type
+        return rec
 
     @torch.no_grad()
     def evaluate(self, test_x: torch.Tensor, batch_size: int = 500) -> dict:
         """Test TMC and IWAE bounds at ``eval_K`` (nats per image; seeds fixed per epoch and batch)."""
         out, cpu0 = {}, time.process_time()
         for name, cls in (("tmc", tg.TMC), ("iwae", tg.IWAE)):
-            est = cls(self.model, self.proposal, K=self.config["eval_K"], compile=False)
+            est = cls(self.model, self.proposal, K=self.config["eval_K"], compile=False, device=self.device)
             s = 0.0
             for i, xb in enumerate(test_x.split(batch_size)):
                 s += float(bound(est, {"x": xb}, seed=1_000_003 * self.epoch + i).sum())
@@ -317,7 +335,8 @@ def fig6(runs: list) -> dict:
     """Seconds per training epoch per method (median over measured epochs and seeds), averaged over models."""
     per = {}
     for (rec, grad, obj), rs in _groups(runs).items():
-        cpu = [m["train_cpu_s"] for r in rs for m in r["metrics"] if "train_cpu_s" in m]
+        cpu = [m["train_wall_s"] if m.get("device", "cpu") != "cpu" else m["train_cpu_s"]
+               for r in rs for m in r["metrics"] if "train_cpu_s" in m]
         steps = [m["steps"] for r in rs for m in r["metrics"] if "steps" in m]
         if not cpu:
             continue
@@ -343,7 +362,8 @@ def fig6(runs: list) -> dict:
             ratios[f"{rec}/{grad}"] = v["cpu_s_per_step"] / per[(rec, grad, "iwae")]["cpu_s_per_step"]
     return {"per_run_group": {f"{r}/{g}/{o}": v for (r, g, o), v in per.items()}, "methods": methods,
             "tmc_over_iwae": ratios,
-            "note": "CPU seconds of this process (time.process_time) per epoch on the training set used; "
+            "note": "CPU seconds of this process (time.process_time) per epoch on the training set used "
+                    "(wall seconds for epochs trained on an accelerator, whose records carry a 'device'); "
                     "cpu_s_per_full_epoch = seconds per step x ceil(60000 / batch size), an extrapolation "
                     "when fewer training images were used"}
 
@@ -489,6 +509,7 @@ def parse(argv=None):
     p.add_argument("--runs", type=pathlib.Path, default=None,
                    help="folder of the per-run checkpoint folders (default runs/mnist_grid; quick: under --out)")
     add_shard_arg(p, "the grid (in the order recognition, grad, objective, seed)")
+    add_device_arg(p)
     p.add_argument("--setting", default=None, help="label of this setting, recorded in the JSON and figures")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     p.add_argument("--report", action="store_true",
@@ -520,7 +541,12 @@ def main(argv=None) -> dict:
     threads = set_threads(a.threads, a.allocator)
     from tmcgraph.sampling.couplings import DEFAULT
 
+    try:
+        device = resolve_device(a.device)
+    except SystemExit as e:
+        raise tg.TMCGraphError(str(e)) from None
     train_x, test_x, source = load_data(a)
+    train_x, test_x = train_x.to(device), test_x.to(device)
     runs_dir = a.runs or (pathlib.Path(a.out) / "mnist_grid_quick_runs" if a.quick else pathlib.Path("runs/mnist_grid"))
     seeds = list(range(a.seeds or 1))
     runs = []
@@ -533,7 +559,7 @@ def main(argv=None) -> dict:
                            "coupling": a.coupling or DEFAULT, "train_images": len(train_x),
                            "test_images": len(test_x), "eval_every": a.eval_every, "data": source}
                     runs.append((cfg, runs_dir / f"{rec}-{grad}-{obj}-seed{seed}"))
-    runs = [Run(cfg, folder) for cfg, folder in take_shard(runs, a.shard)]
+    runs = [Run(cfg, folder, device) for cfg, folder in take_shard(runs, a.shard)]
     missing = []
     if a.report:
         missing = [r.key for r in runs if r.epoch == 0]
@@ -587,7 +613,7 @@ def main(argv=None) -> dict:
                    "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped,
                    "shard": a.shard, "report_only": a.report, "runs_missing": missing,
                    "epochs_per_run": {r.key: r.epoch for r in runs}},
-        "machine": machine_info(), **threads,
+        "machine": machine_info(str(device)), "device": str(device), **threads,
         "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
         "figures": {"fig5": ppath.name, "fig6": fig6_path.name},
     }

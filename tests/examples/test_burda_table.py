@@ -67,6 +67,21 @@ def test_completed_runs_are_reused_and_other_configurations_refused(table, tmp_p
         table.main(_argv(tmp_path, "--layers", "1", "--objectives", "iwae:3", "--batch-size", "16"))
 
 
+def test_random_streams_do_not_cross_devices(table, tmp_path):
+    out = table.main(_argv(tmp_path, "--layers", "1", "--objectives", "iwae:3", "--device", "cpu"))
+    assert out["device"] == "cpu"
+    ck = tmp_path / "runs" / "L1-iwae_3-seed0" / "checkpoint.pt"
+    state = table.load_checkpoint(ck, out["runs"][0]["config"], table.CONFIG_KEYS, kind=table.KIND)
+    assert state["rng_device"] == "cpu"
+    state["rng_device"] = "cuda"  # as if trained on a GPU
+    table.save_checkpoint(ck, kind=table.KIND, state=state)
+    with pytest.raises(tg.TMCGraphError, match=r"L1-iwae_3-seed0 .* was trained on cuda.*--device cuda"):
+        table.main(_argv(tmp_path, "--layers", "1", "--objectives", "iwae:3", "--epochs", "2", "--stages", "2"))
+    if not torch.cuda.is_available():
+        with pytest.raises(tg.TMCGraphError, match="cuda.is_available"):
+            table.main(_argv(tmp_path, "--device", "cuda"))
+
+
 def test_bad_arguments(table, tmp_path):
     with pytest.raises(tg.TMCGraphError, match="layers"):
         table.main(_argv(tmp_path, "--layers", "3"))

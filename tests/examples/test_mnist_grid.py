@@ -92,6 +92,21 @@ def test_report_writes_outputs_from_checkpoints_and_trains_nothing(grid, tmp_pat
         grid.main(_argv(tmp_path, "--report", "--grads", "dregs"))
 
 
+def test_device_is_checked_and_random_streams_do_not_cross_devices(grid, tmp_path):
+    out = grid.main(_argv(tmp_path, "--epochs", "1", "--device", "cpu"))
+    assert out["device"] == "cpu" and all("device" not in m for r in out["runs"] for m in r["metrics"])
+    ck = tmp_path / "runs" / "small-reparam-tmc-seed0" / "checkpoint.pt"
+    state = grid.load_checkpoint(ck, out["runs"][0]["config"], grid.CONFIG_KEYS)
+    assert state["particle_rng_device"] == "cpu"
+    state["particle_rng_device"] = "cuda"  # as if trained on a GPU
+    grid.save_checkpoint(ck, state)
+    with pytest.raises(tg.TMCGraphError, match=r"small-reparam-tmc-seed0 .* was trained on cuda.*--device cuda"):
+        grid.main(_argv(tmp_path, "--epochs", "2"))
+    if not torch.cuda.is_available():
+        with pytest.raises(tg.TMCGraphError, match="cuda.is_available"):
+            grid.main(_argv(tmp_path, "--epochs", "1", "--device", "cuda"))
+
+
 def test_a_run_with_another_configuration_is_refused(grid, tmp_path):
     grid.main(_argv(tmp_path, "--epochs", "1"))
     with pytest.raises(tg.TMCGraphError, match=r"K: checkpoint 4 vs requested 5"):

@@ -535,7 +535,7 @@ def evaluate_bounds(model: Model, proposal: Proposal, x: torch.Tensor, K: int = 
     if K < 1 or batch_size < 1 or max_elements < 1:
         raise TMCGraphError(f"evaluate_bounds needs K, batch_size, max_elements >= 1; got {K}, {batch_size}, "
                             f"{max_elements}")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator(device=x.device).manual_seed(int(seed))
     out = {"bound": [], "elbo": [], "ess": []}
     for xb in x.split(batch_size):
         c = max(1, min(K, max_elements // (len(xb) * max(1, xb.shape[-1]))))
@@ -564,7 +564,7 @@ def posterior_means(proposal: Proposal, x: torch.Tensor, samples: int = 100, see
     ``E_{q(h_{i-1} | x)}[mean of q(h_i | h_{i-1})]``, averaged over ``samples`` draws of the
     layers below (private generator seeded with ``seed``).
     """
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator(device=x.device).manual_seed(int(seed))
     names = [n for n in proposal.validate() if n in proposal.variables]
     out = {n: [] for n in names}
     for xb in x.split(batch_size):
