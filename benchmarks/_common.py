@@ -156,7 +156,8 @@ def set_threads(n: int, allocator: str = "default") -> dict:
     return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo, else the platform's processor string)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -192,7 +193,7 @@ def machine_info(device="cpu") -> dict:
     return {
         **_git_state(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),

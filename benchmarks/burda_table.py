@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402,E501
     base_parser,
     command_line,
+    cpu_name,
     keeps_process_state,
     machine_info,
     output_paths,
@@ -68,6 +69,7 @@ import tmcgraph as tg  # noqa: E402
 from tmcgraph.models import burda  # noqa: E402
 
 NAME = "burda_table"
+HOST_CPU = cpu_name()
 #: Kind recorded in (and required of) this command's checkpoints.
 KIND = "benchmarks/burda_table"
 DEFAULT_OBJECTIVES = "vae:1,vae:5,vae:50,iwae:5,iwae:50,tmc:5,tmc:50"
@@ -158,6 +160,7 @@ class Run:
                "train_cpu_s": time.process_time() - cpu0, "train_wall_s": time.perf_counter() - wall0, "steps": steps}
         if self.device.type != "cpu":
             rec["device"] = self.device.type
+        rec["host_cpu"] = HOST_CPU  # epochs of one run may be trained on different machines
         return rec
 
     def evaluate(self, test_x: torch.Tensor, settings: dict) -> dict:

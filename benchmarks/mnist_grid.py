@@ -79,6 +79,7 @@ from _common import (  # noqa: E402
     add_shard_arg,
     base_parser,
     command_line,
+    cpu_name,
     keeps_process_state,
     machine_info,
     output_paths,
@@ -96,6 +97,7 @@ from tmcgraph.contrib import checkpoint  # noqa: E402
 from tmcgraph.infer.objectives import GRADS, bound, objective  # noqa: E402
 
 NAME = "mnist_grid"
+HOST_CPU = cpu_name()
 RECOGNITION = ("factorised", "small", "large")
 OBJECTIVES = ("tmc", "iwae")
 #: The paper's gradient estimators (names of ``tmcgraph.infer.objectives.GRADS``).
@@ -270,6 +272,7 @@ class Run:
                "train_wall_s": time.perf_counter() - wall0, "steps": len(idx)}
         if self.device.type != "cpu":
             rec["device"] = self.device.type
+        rec["host_cpu"] = HOST_CPU  # epochs of one run may be trained on different machines
         return rec
 
     @torch.no_grad()
@@ -343,9 +346,10 @@ def fig6(runs: list) -> dict:
         bs = rs[0]["config"]["batch_size"]
         med = statistics.median(cpu)
         per_step = med / statistics.median(steps)
+        hosts = sorted({m.get("host_cpu", "not recorded") for r in rs for m in r["metrics"] if "train_cpu_s" in m})
         per[(rec, grad, obj)] = {"cpu_s_per_epoch": med, "cpu_s_per_step": per_step,
                                  "cpu_s_per_full_epoch": per_step * math.ceil(FULL_TRAIN / bs),
-                                 "epochs_measured": len(cpu)}
+                                 "epochs_measured": len(cpu), "host_cpus": hosts}
     methods = {}
     for grad in GRAD_NAMES:
         for obj in OBJECTIVES:
