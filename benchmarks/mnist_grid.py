@@ -50,7 +50,9 @@ invocation stopped. ``--shard I/N`` runs every N-th run of the grid, so that N p
 invocation without ``--shard`` skips the finished runs and writes the combined outputs.
 ``--report`` trains nothing: it writes the outputs from the checkpoints in ``--runs`` as
 they stand (each run at the epoch it has reached; runs without a checkpoint are listed
-under ``budget.runs_missing``), so a snapshot can be taken while other processes train.
+under ``budget.runs_missing``), so a snapshot can be taken while other processes train;
+``--at-epoch N`` cuts every run's metrics at epoch N, so runs that have reached different
+epochs are compared at the same one.
 
 CPU budget: see docs/mnist.md (measured seconds per epoch times 300 run-epochs). The
 paper's protocol is a GPU job: ``--device cuda`` (epochs then timed in wall seconds);
@@ -519,9 +521,14 @@ def parse(argv=None):
     p.add_argument("--report", action="store_true",
                    help="train nothing: write the outputs from the checkpoints found in --runs, at whatever epoch "
                         "each run has reached (runs with no checkpoint are listed as missing)")
+    p.add_argument("--at-epoch", type=int, default=None,
+                   help="with --report: use each run's metrics up to this epoch only, so that runs which have "
+                        "reached different epochs are compared at the same one (shorter runs are listed)")
     a = p.parse_args(argv)
     if a.report and a.epochs is not None:
         raise tg.TMCGraphError("--report trains nothing, so it takes no --epochs")
+    if a.at_epoch is not None and (not a.report or a.at_epoch < 1):
+        raise tg.TMCGraphError(f"--at-epoch needs --report and a positive epoch, got {a.at_epoch}")
     a.recognition = _names(a.recognition or ",".join(RECOGNITION), RECOGNITION, "recognition")
     a.grads = _names(a.grads or ",".join(GRAD_NAMES), tuple(g for g in GRAD_NAMES if g in GRADS), "grads")
     a.objectives = _names(a.objectives, OBJECTIVES, "objectives")
@@ -572,6 +579,14 @@ def main(argv=None) -> dict:
             raise tg.TMCGraphError(f"--report: no run of this grid has a checkpoint under {runs_dir}")
         if missing:
             print(f"--report: {len(missing)} run(s) have no checkpoint yet: {', '.join(missing)}", flush=True)
+        if a.at_epoch is not None:
+            short = [f"{r.key} ({r.epoch})" for r in runs if r.epoch < a.at_epoch]
+            if short:
+                print(f"--report: {len(short)} run(s) have fewer than {a.at_epoch} epochs: {', '.join(short)}",
+                      flush=True)
+            for r in runs:  # the checkpoints are not written in report mode
+                r.metrics = [m for m in r.metrics if m["epoch"] <= a.at_epoch]
+                r.epoch = min(r.epoch, a.at_epoch)
         a.epochs = max(r.epoch for r in runs)
     skipped = [r.key for r in runs if r.epoch >= a.epochs]
     if skipped and not a.report:
@@ -615,7 +630,7 @@ def main(argv=None) -> dict:
                    "eval_every": a.eval_every, "last": a.last, "seeds": seeds, "recognition": a.recognition,
                    "grads": a.grads, "objectives": a.objectives, "coupling": a.coupling or DEFAULT,
                    "wall_seconds_this_invocation": wall, "runs_skipped_as_complete": skipped,
-                   "shard": a.shard, "report_only": a.report, "runs_missing": missing,
+                   "shard": a.shard, "report_only": a.report, "runs_missing": missing, "at_epoch": a.at_epoch,
                    "epochs_per_run": {r.key: r.epoch for r in runs}},
         "machine": machine_info(str(device)), "device": str(device), **threads,
         "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,

@@ -86,6 +86,12 @@ def test_report_writes_outputs_from_checkpoints_and_trains_nothing(grid, tmp_pat
     assert [r["metrics"] for r in out["runs"]] == [r["metrics"] for r in trained["runs"]]
     assert out["table1"] == trained["table1"]
     assert (tmp_path / "mnist_grid_quick.png").exists()
+    at1 = grid.main(_argv(tmp_path, "--report", "--at-epoch", "1"))
+    assert at1["budget"]["epochs_per_run"] == {"small-reparam-tmc-seed0": 1, "small-reparam-iwae-seed0": 1}
+    assert [r["metrics"] for r in at1["runs"]] == [r["metrics"][:1] for r in trained["runs"]]
+    assert {c: c.read_bytes() for c in cks} == before
+    with pytest.raises(tg.TMCGraphError, match="--at-epoch needs --report"):
+        grid.main(_argv(tmp_path, "--epochs", "2", "--at-epoch", "1"))
     with pytest.raises(tg.TMCGraphError, match="--report trains nothing"):
         grid.main(_argv(tmp_path, "--report", "--epochs", "3"))
     with pytest.raises(tg.TMCGraphError, match="no run of this grid has a checkpoint"):
