@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_suite.sh            # needs torch.cuda.is_available(); JSON + PNG in benchmarks/results/gpu/
 #
-# Runs, one process at a time, with --device cuda and modest grids (budget: under 8 minutes):
+# Runs, one process at a time, with --device cuda and modest grids (budget: under 9 minutes):
 #   perf_toy     N in {128, 1024} x K in {128, 512}, forward and forward+backward, 5 seeds
 #   perf_chain   mixture chain, n in {50, 200} x K in {100, 1000}, 3 seeds; hand-compiled only for n = 50
 #                (torch.compile unrolls the n-link loop)
@@ -13,6 +13,7 @@
 #   perf_memory  peak host RSS and CUDA memory of toy (N = 1024, K = 512) and chain (n = 200, K = 1000) for
 #                tmcgraph, hand and the streaming loop, each in its own process
 #   perf_toy --fig3   Fig. 3 B and D: TMC, SMC, IWAE time vs K at N = 128 and vs N at K = 128, 5 seeds
+#   perf_densities    the fused Bernoulli likelihood vs torch's (alone, MNIST steps, L_5000), 15 pairs
 # Each step has a time limit (timeout(1)); a step that fails or runs over is recorded and the suite goes
 # on. The steps, their exit status and seconds are written to <out>/gpu_suite.json; the exit status is
 # non-zero if any step failed.
@@ -22,7 +23,7 @@
 #   GPU_SUITE_QUICK=1  pass --quick and drop the grid and seed options (tiny grids; what the tests run)
 #   GPU_SUITE_OUT      output folder (default benchmarks/results/gpu)
 #   GPU_SUITE_PYTHON   interpreter (default python)
-#   GPU_SUITE_STEPS    space-separated subset of: toy chain hmm mnist memory fig3 (default all)
+#   GPU_SUITE_STEPS    space-separated subset of: toy chain hmm mnist memory fig3 densities (default all)
 #   GPU_SUITE_DRY_RUN=1  print the commands instead of running them (no CUDA check)
 set -euo pipefail
 
@@ -31,7 +32,7 @@ DEVICE="${GPU_SUITE_DEVICE:-cuda}"
 QUICK="${GPU_SUITE_QUICK:-0}"
 OUT="${GPU_SUITE_OUT:-$HERE/results/gpu}"
 PY="${GPU_SUITE_PYTHON:-python}"
-STEPS="${GPU_SUITE_STEPS:-toy chain hmm mnist memory fig3}"
+STEPS="${GPU_SUITE_STEPS:-toy chain hmm mnist memory fig3 densities}"
 
 DRY="${GPU_SUITE_DRY_RUN:-0}"
 
@@ -49,7 +50,7 @@ fi
 common=(--device "$DEVICE" --out "$OUT" --threads 1)
 if [[ "$QUICK" == 1 ]]; then
     common+=(--quick)
-    toy_grid=(); chain_grid=(); hmm_grid=(); mnist_grid=(); memory_grid=(); fig3_grid=()
+    toy_grid=(); chain_grid=(); hmm_grid=(); mnist_grid=(); memory_grid=(); fig3_grid=(); densities_grid=()
 else
     toy_grid=(--seeds 5 --N 128,1024 --K 128,512)
     chain_grid=(--seeds 3 --n 50,200 --K 100,1000)
@@ -57,6 +58,7 @@ else
     mnist_grid=(--seeds 5 --K 20 --batch 128 --recognition factorised,small,large)
     memory_grid=()
     fig3_grid=(--seeds 5 --fig3-K 1,4,16,64,256,1024 --fig3-N 8,32,128,512,1024,4096)
+    densities_grid=(--reps 15)
 fi
 
 # Options that are not grids: used in quick runs too, so the tests exercise them.
@@ -68,9 +70,9 @@ memory_opts=(--workloads toy,chain --contenders tmcgraph,hand,hand-streaming --t
 fig3_opts=(--fig3)
 
 # step name, time limit (s), script, options...
-declare -A LIMIT=([toy]=80 [chain]=80 [hmm]=45 [mnist]=120 [memory]=75 [fig3]=45)  # 445 s in all
+declare -A LIMIT=([toy]=80 [chain]=80 [hmm]=45 [mnist]=120 [memory]=75 [fig3]=45 [densities]=40)  # 485 s in all
 declare -A SCRIPT=([toy]=perf_toy.py [chain]=perf_chain.py [hmm]=perf_hmm.py [mnist]=perf_mnist.py
-                   [memory]=perf_memory.py [fig3]=perf_toy.py)
+                   [memory]=perf_memory.py [fig3]=perf_toy.py [densities]=perf_densities.py)
 
 status_file="$(mktemp)"
 trap 'rm -f "$status_file"' EXIT
@@ -110,7 +112,9 @@ for step in $STEPS; do
         mnist) run_step mnist "${common[@]}" ${mnist_grid[@]+"${mnist_grid[@]}"} "${mnist_opts[@]}" ;;
         memory) run_step memory "${common[@]}" ${memory_grid[@]+"${memory_grid[@]}"} "${memory_opts[@]}" ;;
         fig3) run_step fig3 "${common[@]}" ${fig3_grid[@]+"${fig3_grid[@]}"} "${fig3_opts[@]}" ;;
-        *) echo "gpu_suite: unknown step '$step' (choose from toy chain hmm mnist memory fig3)" >&2; exit 2 ;;
+        densities) run_step densities "${common[@]}" ${densities_grid[@]+"${densities_grid[@]}"} ;;
+        *) echo "gpu_suite: unknown step '$step' (choose from toy chain hmm mnist memory fig3 densities)" >&2
+           exit 2 ;;
     esac
 done
 

@@ -15,9 +15,9 @@ Workloads:
 * ``burda-L5000``: ``burda.evaluate_bounds`` of the one-layer Burda model on 20 images at
   K = 5000.
 
-Reported: the median over repetitions of the paired ratio of CPU times (torch / fused),
-and each contender's median CPU time. Inputs are random images (the speed does not
-depend on the pixel values). Both contenders' values are checked to agree.
+Reported: the median over repetitions of the paired ratio of CPU times (torch / fused;
+wall times on an accelerator, ``--device cuda``), and each contender's median time.
+Inputs are random images (the speed does not depend on the pixel values). Both contenders' values are checked to agree.
 """
 
 from __future__ import annotations
@@ -26,14 +26,22 @@ import contextlib
 import pathlib
 import statistics
 import sys
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # this checkout's tmcgraph, even if another copy is installed
 
 import torch  # noqa: E402
-from _common import base_parser, keeps_process_state, save_results, set_threads, summary  # noqa: E402
+from _common import (  # noqa: E402
+    add_device_arg,
+    base_parser,
+    clock,
+    keeps_process_state,
+    resolve_device,
+    save_results,
+    set_threads,
+    summary,
+)
 from torch.distributions import Independent  # noqa: E402
 
 import tmcgraph as tg  # noqa: E402
@@ -58,15 +66,15 @@ def contender(name: str):
             densities._REGISTRY[Independent] = saved
 
 
-def workload(name: str, quick: bool):
-    """``fn(seed) -> float``: one timed call of the workload."""
+def workload(name: str, quick: bool, device=torch.device("cpu")):
+    """``fn(seed) -> float``: one timed call of the workload, on ``device``."""
     g = torch.Generator().manual_seed(0)
     if name.startswith("op-"):
         shape = {"op-mnist": (20, 128, 784), "op-burda": (214, 100, 784)}[name]
         if quick:
             shape = (4, 8, 784)
-        logits = torch.randn(shape, generator=g).requires_grad_(name == "op-mnist")
-        x = (torch.rand(shape[1:], generator=g) < 0.3).float()
+        logits = torch.randn(shape, generator=g).to(device).requires_grad_(name == "op-mnist")
+        x = (torch.rand(shape[1:], generator=g) < 0.3).float().to(device)
 
         def fn(seed):
             lp = densities.log_prob(Independent(torch.distributions.Bernoulli(logits=logits), 1), x)
@@ -78,9 +86,11 @@ def workload(name: str, quick: bool):
         return fn
     if name.startswith("mnist-"):
         B = 16 if quick else 128
-        x = torch.rand(B, 784, generator=g)
+        x = torch.rand(B, 784, generator=g).to(device)
         m, q = mnist_vae.build("small", coupling="mixture")
-        est = (tg.TMC if name == "mnist-tmc" else tg.IWAE)(m, q, K=4 if quick else 20, compile=False)
+        m.to(device)
+        q.to(device)
+        est = (tg.TMC if name == "mnist-tmc" else tg.IWAE)(m, q, K=4 if quick else 20, compile=False, device=device)
 
         def fn(seed):
             o = objective(est, {"x": x}, "reparam", seed=seed)
@@ -89,7 +99,9 @@ def workload(name: str, quick: bool):
 
         return fn
     m, q = burda.build(1)
-    x = (torch.rand(4 if quick else 20, 784, generator=g) < 0.3).float()
+    m.to(device)
+    q.to(device)
+    x = (torch.rand(4 if quick else 20, 784, generator=g) < 0.3).float().to(device)
 
     def fn(seed):
         return float(burda.evaluate_bounds(m, q, x, K=50 if quick else 5000, seed=seed)["bound"].sum())
@@ -117,7 +129,10 @@ def main(argv=None) -> dict:
     p = base_parser(__doc__, seeds=1)
     p.add_argument("--reps", type=int, default=None, help="paired repetitions per workload (default 15; quick: 2)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    add_device_arg(p)
     a = p.parse_args(argv)
+    device = resolve_device(a.device)
+    wall = device.type != "cpu"
     names = [w for w in a.workloads.split(",") if w]
     bad = [w for w in names if w not in WORKLOADS]
     if bad:
@@ -126,7 +141,7 @@ def main(argv=None) -> dict:
     reps = a.reps or (2 if a.quick else 15)
     rows = []
     for name in names:
-        fn = workload(name, a.quick)
+        fn = workload(name, a.quick, device)
         times = {"fused": [], "torch": []}
         values = {"fused": [], "torch": []}
         for c in ("fused", "torch"):  # warm-up
@@ -136,20 +151,20 @@ def main(argv=None) -> dict:
             order = ("fused", "torch") if i % 2 == 0 else ("torch", "fused")
             for c in order:
                 with contender(c):
-                    t0 = time.process_time()
-                    v = fn(i)
-                    times[c].append(time.process_time() - t0)
+                    v, cpu_s, wall_s = clock(lambda: fn(i), device)
+                    times[c].append(wall_s if wall else cpu_s)
                     values[c].append(v)
         agree = max(abs(u - v) / (1 + abs(v)) for u, v in zip(values["fused"], values["torch"]))
         if agree > 1e-4:
             raise tg.TMCGraphError(f"{name}: fused and torch values differ (relative {agree:.2e})")
         ratio = statistics.median(t / f for t, f in zip(times["torch"], times["fused"]))
         row = {"workload": name, "torch_over_fused": ratio, "fused_cpu_s": summary(times["fused"]),
-               "torch_cpu_s": summary(times["torch"]), "max_relative_difference": agree, "reps": reps}
+               "torch_cpu_s": summary(times["torch"]), "max_relative_difference": agree, "reps": reps,
+               "time_basis": "wall" if wall else "cpu"}
         rows.append(row)
         print(f"{name:12s} fused {row['fused_cpu_s']['median'] * 1e3:9.1f} ms  torch "
               f"{row['torch_cpu_s']['median'] * 1e3:9.1f} ms  torch/fused {ratio:.2f}x", flush=True)
-    return save_results(a, NAME, argv, threads, plot, quick=a.quick, rows=rows)
+    return save_results(a, NAME, argv, threads, plot, quick=a.quick, device=str(device), rows=rows)
 
 
 def cli(argv=None) -> int:

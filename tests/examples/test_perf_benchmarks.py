@@ -77,7 +77,7 @@ def test_gpu_suite_refuses_to_run_without_cuda(tmp_path):
 
 def test_gpu_suite_runs_every_step(suite):
     summary = json.loads((suite / "gpu_suite.json").read_text())
-    assert [s["step"] for s in summary["steps"]] == ["toy", "chain", "hmm", "mnist", "memory", "fig3"]
+    assert [s["step"] for s in summary["steps"]] == ["toy", "chain", "hmm", "mnist", "memory", "fig3", "densities"]
     assert all(s["result"] == "ok" for s in summary["steps"]), summary
     assert all("--device cpu" in s["arguments"] for s in summary["steps"])
 
@@ -202,6 +202,11 @@ def test_planning_benchmark_counts_no_searches_after_first_call(tmp_path):
         assert row["later_calls_searches"] == 0
         if "new_shape_searches" in row:
             assert row["new_shape_searches"] == 1 and row["back_to_first_shape_searches"] == 0
+
+
+def test_densities_benchmark_runs_in_the_suite(suite):
+    data = _load(suite, "perf_densities")
+    assert all(r["time_basis"] == "cpu" and r["max_relative_difference"] <= 1e-4 for r in data["rows"])
 
 
 def test_densities_benchmark_alternates_contenders_and_restores_the_kernel(tmp_path):
