@@ -487,11 +487,33 @@ def _mixture_log_q(recipe, *tensors) -> torch.Tensor:
 
 
 def _with_params(proposal: Proposal, detach: bool, fn):
-    """Run ``fn()``, with the proposal's parameters and buffers detached if ``detach``."""
+    """Run ``fn()``, with the proposal's parameters and buffers detached if ``detach``.
+
+    Every module object under the proposal is visited once and each of its own parameter
+    and buffer slots is pointed at a detached alias (one alias per tensor, so weights tied
+    across modules stay tied), then restored. Modules shared by several latents (a feature
+    chain that several recognition layers read) are handled: ``torch.func.functional_call``
+    with tied weights restores such modules with the detached tensors, which left the
+    proposal untrainable after the first STL or DReGs step.
+    """
     if not detach:
         return fn()
-    state = {k: v.detach() for k, v in list(proposal.named_parameters()) + list(proposal.named_buffers())}
-    return torch.func.functional_call(proposal, state, (fn,))
+    aliases, saved = {}, []
+    try:
+        for mod in proposal.modules():  # each module object once, however many paths reach it
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is None:
+                        continue
+                    alias = aliases.get(id(t))
+                    if alias is None:
+                        alias = aliases[id(t)] = t.detach()
+                    saved.append((store, name, t))
+                    store[name] = alias
+        return fn()
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
