@@ -62,6 +62,8 @@ __all__ = [
     "summary",
     "write_json",
     "save_results",
+    "run_cli",
+    "check_rng_device",
     "save_partial",
     "pyplot",
     "save_figure",
@@ -832,3 +834,27 @@ def plot_contenders(rows: list, path, label: Callable, title: str, extra: Option
         note = "not run: " + "; ".join(f"{m} [{', '.join(w)}]" if len(w) < len(rows) else m for m, w in missing.items())
         fig.text(0.01, -0.01, "\n".join(note[i:i + 150] for i in range(0, len(note), 150)), fontsize=6, va="top")
     save_figure(fig, path)
+
+
+def run_cli(main: Callable, argv: Optional[list] = None) -> int:
+    """Run ``main(argv)``: a ``TMCGraphError`` becomes one ``error:`` line on stderr and exit status 2."""
+    from tmcgraph.errors import TMCGraphError
+
+    try:
+        main(argv)
+    except TMCGraphError as e:
+        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_rng_device(run: str, folder, trained_on: str, device) -> None:
+    """Refuse to continue a run whose saved random streams belong to another device type."""
+    from tmcgraph.errors import TMCGraphError
+
+    here = torch.device(device).type
+    if trained_on != here:
+        raise TMCGraphError(
+            f"run {run} in {folder} was trained on {trained_on}; its random streams cannot continue on {here}: "
+            f"continue it with --device {trained_on}, or train on {here} in another --runs folder")
+

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402,E501
     output_paths,
     pyplot,
     resolve_device,
+    run_cli,
     save_figure,
     set_threads,
     synchronize,
@@ -105,12 +106,7 @@ class Run:
         self.epoch, self.metrics, self.evaluation = 0, [], None
         state = load_checkpoint(self.path, config, CONFIG_KEYS, kind=KIND)
         if state is not None:
-            trained_on = state.get("rng_device", "cpu")
-            if trained_on != self.device.type:
-                raise tg.TMCGraphError(
-                    f"run {self.key} in {self.path.parent} was trained on {trained_on}; its random streams cannot "
-                    f"continue on {self.device.type}: continue it with --device {trained_on}, or train on "
-                    f"{self.device.type} in another --runs folder")
+            _common.check_rng_device(self.key, self.path.parent, state.get("rng_device", "cpu"), self.device)
             self.model.load_state_dict(state["model"])
             self.proposal.load_state_dict(state["proposal"])
             self.opt.load_state_dict(state["optimizer"])
@@ -422,12 +418,7 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except tg.TMCGraphError as e:
-        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ from _common import (  # noqa: E402
     add_device_arg,
     add_shard_arg,
     base_parser,
+    check_rng_device,
     command_line,
     cpu_name,
     keeps_process_state,
@@ -87,6 +88,7 @@ from _common import (  # noqa: E402
     output_paths,
     pyplot,
     resolve_device,
+    run_cli,
     save_figure,
     set_threads,
     synchronize,
@@ -223,12 +225,7 @@ class Run:
         self.epoch, self.metrics = 0, []
         state = load_checkpoint(self.path, config, CONFIG_KEYS)
         if state is not None:
-            trained_on = state.get("particle_rng_device", "cpu")
-            if trained_on != self.device.type:
-                raise tg.TMCGraphError(
-                    f"run {self.key} in {self.folder} was trained on {trained_on}; its random streams cannot "
-                    f"continue on {self.device.type}: continue it with --device {trained_on}, or train on "
-                    f"{self.device.type} in another --runs folder")
+            check_rng_device(self.key, self.folder, state.get("particle_rng_device", "cpu"), self.device)
             self.model.load_state_dict(state["model"])
             self.proposal.load_state_dict(state["proposal"])
             self.opt.load_state_dict(state["optimizer"])
@@ -651,12 +648,7 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except tg.TMCGraphError as e:
-        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     clock,
     keeps_process_state,
     resolve_device,
+    run_cli,
     save_results,
     set_threads,
     summary,
@@ -168,12 +169,7 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except tg.TMCGraphError as e:
-        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
