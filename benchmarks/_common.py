@@ -63,6 +63,7 @@ __all__ = [
     "write_json",
     "save_results",
     "run_cli",
+    "cli_device",
     "check_rng_device",
     "save_partial",
     "pyplot",
@@ -836,16 +837,29 @@ def plot_contenders(rows: list, path, label: Callable, title: str, extra: Option
     save_figure(fig, path)
 
 
-def run_cli(main: Callable, argv: Optional[list] = None) -> int:
-    """Run ``main(argv)``: a ``TMCGraphError`` becomes one ``error:`` line on stderr and exit status 2."""
+def run_cli(main: Callable, argv: Optional[list] = None, prog: Optional[str] = None) -> int:
+    """Run ``main(argv)``: a ``TMCGraphError`` becomes one ``error:`` line on stderr and exit status 2.
+
+    The line starts with ``prog`` (default: the name of the running script).
+    """
     from tmcgraph.errors import TMCGraphError
 
     try:
         main(argv)
     except TMCGraphError as e:
-        print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{prog or pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli_device(name: str) -> torch.device:
+    """:func:`resolve_device` for drivers whose errors are ``TMCGraphError`` (one ``error:`` line)."""
+    from tmcgraph.errors import TMCGraphError
+
+    try:
+        return resolve_device(name)
+    except SystemExit as e:
+        raise TMCGraphError(str(e)) from None
 
 
 def check_rng_device(run: str, folder, trained_on: str, device) -> None:

@@ -51,13 +51,13 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 from _common import (  # noqa: E402,E501
     base_parser,
+    cli_device,
     command_line,
     cpu_name,
     keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
-    resolve_device,
     run_cli,
     save_figure,
     set_threads,
@@ -338,10 +338,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     a = parse(argv)
     threads = set_threads(a.threads, a.allocator)
-    try:
-        device = resolve_device(a.device)
-    except SystemExit as e:
-        raise tg.TMCGraphError(str(e)) from None
+    device = cli_device(a.device)
     train_x, test_x, source = load_data(a)
     test_b = binarize(test_x, torch.Generator().manual_seed(12345)).to(device)  # the same images on every device
     pixel_means = train_x.mean(0)

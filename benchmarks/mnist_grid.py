@@ -81,13 +81,13 @@ from _common import (  # noqa: E402
     add_shard_arg,
     base_parser,
     check_rng_device,
+    cli_device,
     command_line,
     cpu_name,
     keeps_process_state,
     machine_info,
     output_paths,
     pyplot,
-    resolve_device,
     run_cli,
     save_figure,
     set_threads,
@@ -549,10 +549,7 @@ def main(argv=None) -> dict:
     threads = set_threads(a.threads, a.allocator)
     from tmcgraph.sampling.couplings import DEFAULT
 
-    try:
-        device = resolve_device(a.device)
-    except SystemExit as e:
-        raise tg.TMCGraphError(str(e)) from None
+    device = cli_device(a.device)
     train_x, test_x, source = load_data(a)
     train_x, test_x = train_x.to(device), test_x.to(device)
     runs_dir = a.runs or (pathlib.Path(a.out) / "mnist_grid_quick_runs" if a.quick else pathlib.Path("runs/mnist_grid"))

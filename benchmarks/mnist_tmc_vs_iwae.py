@@ -35,6 +35,7 @@ from _common import (  # noqa: E402
     machine_info,
     output_paths,
     pyplot,
+    run_cli,
     save_figure,
     set_threads,
     write_json,
@@ -199,14 +200,7 @@ def plot(payload: dict, path) -> None:
 def cli(argv=None) -> int:
     """Command-line entry: bad input (e.g. a foreign or incompatible checkpoint in ``--runs``) is one
     ``error:`` line on stderr and exit status 2."""
-    from tmcgraph.errors import TMCGraphError
-
-    try:
-        main(argv)
-    except TMCGraphError as e:
-        print(f"{pathlib.Path(__file__).name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, prog=pathlib.Path(__file__).name)
 
 
 if __name__ == "__main__":

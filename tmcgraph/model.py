@@ -470,7 +470,7 @@ class Proposal(_Declared):
         return m[name].plates
 
     def forward(self, fn: Callable):
-        """Run ``fn()``; lets ``torch.func.functional_call`` swap this proposal's parameters."""
+        """Run ``fn()`` (the proposal as a module, e.g. for ``torch.func.functional_call``)."""
         return fn()
 
     @staticmethod
