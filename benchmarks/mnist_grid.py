@@ -20,7 +20,7 @@ set (all 10000 images, or ``--limit-test``) under both bounds, TMC and IWAE with
   TMC-trained red; line style = gradient estimator), B: IWAE-trained models under the
   IWAE (blue) and TMC (red) bounds, C: TMC-trained models under both bounds. Curves are
   means over seeds; each panel's y-window is chosen from the data (the values of the
-  second half of training, padded), so sub-nat differences are visible;
+  second half of the panel's longest run, padded), so sub-nat differences are visible;
 * ``mnist_grid_fig6.png``: Fig. 6, CPU seconds per training epoch of each method
   (objective x estimator), averaged over the recognition models that were run, and the
   TMC / IWAE ratio per recognition model;
@@ -401,12 +401,16 @@ def plot_fig5(cv: dict, path, title: str) -> dict:
         for i, (rtitle, pick) in enumerate(rows):
             ax = axes[i][j]
             window_vals, drawn = [], 0
+            # the window follows the longest run of the panel: a run still at its first
+            # epochs would otherwise stretch it over values the others have left behind
+            ends = [max(c["epochs"]) for g in GRAD_NAMES for o in OBJECTIVES
+                    if pick(o) and (c := cv.get(f"{rec}/{g}/{o}")) and c["epochs"]]
+            half = max(ends, default=0) / 2
             for grad in GRAD_NAMES:
                 for obj in OBJECTIVES:
                     c = cv.get(f"{rec}/{grad}/{obj}")
                     if not c or not c["epochs"]:
                         continue
-                    half = max(c["epochs"]) / 2
                     for o, b in pick(obj):
                         ys = c[b]
                         if i == 0:

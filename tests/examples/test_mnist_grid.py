@@ -218,3 +218,16 @@ def test_summaries_on_constructed_metrics(grid):
     assert c["epochs"] == [1, 2, 3] and c["tmc"] == [-100, -98, -97]
     lo, hi = grid.y_window([-97.0, -96.5, -96.9])
     assert lo < -97.0 and hi > -96.5 and hi - lo < 1.0  # a sub-nat window around sub-nat differences
+
+
+def test_fig5_window_follows_the_longest_run_of_a_panel(grid, tmp_path):
+    pytest.importorskip("matplotlib")
+    long = {"epochs": [10, 20, 30, 40], "seeds": 1, "tmc": [-100.0, -97.0, -96.0, -95.5],
+            "iwae": [-100.5, -97.5, -96.5, -96.0]}
+    short = {"epochs": [5], "seeds": 1, "tmc": [-108.0], "iwae": [-109.0]}  # a run just started
+    cv = {"large/reparam/tmc": long, "large/reparam/iwae": long, "large/stl/tmc": short, "large/stl/iwae": short}
+    w = grid.plot_fig5(cv, tmp_path / "f.png", "t")
+    for panel in ("large/A", "large/B", "large/C"):
+        lo, hi = w[panel]
+        assert -97.0 < lo <= -96.0 and -95.5 < hi < -95.0, (panel, lo, hi)  # epochs 30-40 of the long runs only
+    assert (tmp_path / "f.png").stat().st_size > 0
