@@ -24,6 +24,9 @@ set (all 10000 images, or ``--limit-test``) under both bounds, TMC and IWAE with
 * ``mnist_grid_fig6.png``: Fig. 6, CPU seconds per training epoch of each method
   (objective x estimator), averaged over the recognition models that were run, and the
   TMC / IWAE ratio per recognition model;
+* ``mnist_grid.md``: Table 1 (with the reproduction's numbers beside it), the Fig. 5
+  comparisons at every evaluation (TMC- minus IWAE-trained under the TMC bound; each
+  model's TMC minus IWAE bound) and Fig. 6 per recognition model, as Markdown tables;
 * ``mnist_grid.json``: the setting, every run's metrics, Table 1 (mean +- sd of the test
   bounds over the last ``--last`` evaluated epochs, pooled over seeds, and the sd of the
   per-seed means), Fig. 6's numbers and the y-windows.
@@ -371,6 +374,110 @@ def fig6(runs: list) -> dict:
                     "when fewer training images were used"}
 
 
+#: The reproduction's Table 1 (mean over the last 50 of 1200 epochs, 3 runs, reparameterised
+#: gradients): ``(recognition, objective) -> (mean, sd or None)``, each under its own bound.
+PUBLISHED = {("small", "tmc"): (-91.63, 0.16), ("small", "iwae"): (-93.35, 0.12),
+             ("large", "tmc"): (-91.94, None), ("large", "iwae"): (-93.08, None)}
+
+
+def comparisons(cv: dict) -> dict:
+    """The paper's Fig. 5 comparisons at every epoch both objectives of a ``rec/grad`` pair evaluated.
+
+    ``lead`` is TMC-trained minus IWAE-trained under the TMC bound (Fig. 5A: positive);
+    ``gap_b`` the IWAE-trained model's TMC minus IWAE bound (Fig. 5B: small); ``gap_c`` the
+    TMC-trained model's (Fig. 5C: larger).
+    """
+    out = {}
+    for rec in RECOGNITION:
+        for grad in GRAD_NAMES:
+            ct, ci = cv.get(f"{rec}/{grad}/tmc"), cv.get(f"{rec}/{grad}/iwae")
+            if not (ct and ci):
+                continue
+            at_t = dict(zip(ct["epochs"], zip(ct["tmc"], ct["iwae"])))
+            at_i = dict(zip(ci["epochs"], zip(ci["tmc"], ci["iwae"])))
+            rows = []
+            for e in sorted(set(at_t) & set(at_i)):
+                (tt, ti), (it, ii) = at_t[e], at_i[e]
+                rows.append({"epoch": e, "tmc_trained_tmc": tt, "iwae_trained_tmc": it, "lead": tt - it,
+                             "tmc_trained_iwae": ti, "iwae_trained_iwae": ii, "gap_b": it - ii, "gap_c": tt - ti})
+            if rows:
+                last = rows[-1]
+                out[f"{rec}/{grad}"] = {
+                    "rows": rows, "last_epoch": last["epoch"],
+                    "fig5a_tmc_trained_ahead_at_last": last["lead"] > 0,
+                    "fig5a_evaluations_ahead": sum(r["lead"] > 0 for r in rows), "evaluations": len(rows),
+                    "fig5bc_gap_b_below_gap_c_at_last": last["gap_b"] < last["gap_c"],
+                }
+    return out
+
+
+def markdown(payload: dict) -> str:
+    """The report in Markdown: Table 1, the Fig. 5 comparisons per evaluated epoch, Fig. 6."""
+    t1, f6, comp = payload["table1"], payload["fig6"], payload["fig5_comparisons"]
+    last = payload["budget"]["last"]
+    lines = [f"Setting: {payload['setting']}", "", f"Command: `{payload['command']}`", "",
+             f"## Table 1 (mean +- sd of the test bounds over the last {last} evaluations, pooled over seeds)", "",
+             "| recognition | estimator | seeds | epochs | TMC-trained: TMC bound | IWAE-trained: TMC bound | "
+             "TMC-trained: IWAE bound | IWAE-trained: IWAE bound | reproduction (1200 epochs): TMC / IWAE |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(row, b):
+        v = (row or {}).get(f"{b}_bound")
+        return "-" if v is None else f"{v['mean']:.2f} +- {v['sd_pooled']:.2f}"
+
+    def pub(rec, obj, grad):
+        v = PUBLISHED.get((rec, obj)) if grad == "reparam" else None
+        return "-" if v is None else f"{v[0]:.2f}" + (f" +- {v[1]:.2f}" if v[1] is not None else "")
+
+    for rec in RECOGNITION:
+        for grad in GRAD_NAMES:
+            rt, ri = t1.get(f"{rec}/{grad}/tmc"), t1.get(f"{rec}/{grad}/iwae")
+            if not (rt or ri):
+                continue
+            ep = sorted({e for r in (rt, ri) if r for b in ("tmc", "iwae")
+                         for e in r.get(f"{b}_bound", {}).get("epochs", [])})
+            seeds = "/".join(str(r["seeds"]) if r else "0" for r in (rt, ri))
+            span = f"{ep[0]}-{ep[-1]}" if ep else "-"
+            lines.append(f"| {rec} | {grad} | {seeds} | {span} | {cell(rt, 'tmc')} | {cell(ri, 'tmc')} | "
+                         f"{cell(rt, 'iwae')} | {cell(ri, 'iwae')} | "
+                         f"{pub(rec, 'tmc', grad)} / {pub(rec, 'iwae', grad)} |")
+    lines += ["", "## Fig. 5: the test bounds at every evaluation (means over seeds)", "",
+              "lead = TMC-trained minus IWAE-trained under the TMC bound (5A); B = the IWAE-trained model's "
+              "TMC minus IWAE bound; C = the TMC-trained model's.", "",
+              "| recognition | estimator | epoch | TMC-trained: TMC bound | IWAE-trained: TMC bound | lead | "
+              "TMC-trained: IWAE bound | IWAE-trained: IWAE bound | B | C |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, c in comp.items():
+        rec, grad = key.split("/")
+        for r in c["rows"]:
+            lines.append(f"| {rec} | {grad} | {r['epoch']} | {r['tmc_trained_tmc']:.2f} | "
+                         f"{r['iwae_trained_tmc']:.2f} | {r['lead']:+.2f} | {r['tmc_trained_iwae']:.2f} | "
+                         f"{r['iwae_trained_iwae']:.2f} | "
+                         f"{r['gap_b']:+.2f} | {r['gap_c']:+.2f} |")
+    lines += ["", "At each pair's last common evaluation:", ""]
+    for key, c in comp.items():
+        lines.append(f"* {key}, epoch {c['last_epoch']}: TMC-trained ahead under the TMC bound = "
+                     f"{c['fig5a_tmc_trained_ahead_at_last']} ({c['fig5a_evaluations_ahead']} of {c['evaluations']} "
+                     f"evaluations); B gap below C gap = {c['fig5bc_gap_b_below_gap_c_at_last']}")
+    lines += ["", "## Fig. 6: seconds per training epoch (median over measured epochs)", "",
+              "| recognition | estimator | TMC | IWAE | TMC / IWAE per step | epochs measured (TMC / IWAE) | CPU |",
+              "|---|---|---|---|---|---|---|"]
+    per = f6["per_run_group"]
+    for rec in RECOGNITION:
+        for grad in GRAD_NAMES:
+            pt, pi = per.get(f"{rec}/{grad}/tmc"), per.get(f"{rec}/{grad}/iwae")
+            if not (pt or pi):
+                continue
+            ratio = f6["tmc_over_iwae"].get(f"{rec}/{grad}")
+            hosts = sorted({h for p in (pt, pi) if p for h in p["host_cpus"]})
+            sec = [f"{p['cpu_s_per_epoch']:.1f}" if p else "-" for p in (pt, pi)]
+            n = [str(p["epochs_measured"]) if p else "0" for p in (pt, pi)]
+            lines.append(f"| {rec} | {grad} | {sec[0]} | {sec[1]} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{n[0]} / {n[1]} | {', '.join(hosts)} |")
+    lines += ["", f"({f6['note']})"]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------ figures
 
 STYLES = {"reparam": "-", "stl": "--", "dregs": ":"}
@@ -463,7 +570,9 @@ def plot_fig6(f6: dict, path, title: str) -> None:
         vals = [f6["methods"][n]["cpu_s_per_full_epoch"] for n in names]
         a0.bar(range(len(names)), vals, color=[COLOR[n.split("/")[0]] for n in names])
         a0.set_xticks(range(len(names)))
-        a0.set_xticklabels([n.replace("/", "\n") for n in names], fontsize=8)
+        counts = [len(f6["methods"][n]["recognition_models"]) for n in names]
+        a0.set_xticklabels([n.replace("/", "\n") + f"\n({c} model{'s' if c != 1 else ''})"
+                            for n, c in zip(names, counts)], fontsize=8)
         for k, v in enumerate(vals):
             a0.text(k, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     a0.set_ylabel("CPU s per 60k-image epoch\n(s per step x steps; mean over recognition models)")
@@ -631,10 +740,17 @@ def main(argv=None) -> dict:
                    "shard": a.shard, "report_only": a.report, "runs_missing": missing, "at_epoch": a.at_epoch,
                    "epochs_per_run": {r.key: r.epoch for r in runs}},
         "machine": machine_info(str(device)), "device": str(device), **threads,
-        "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_y_windows": windows, "runs": done,
+        "table1": t1, "fig6": f6, "fig5_curves": cv, "fig5_comparisons": comparisons(cv),
+        "fig5_y_windows": windows, "runs": done,
+        "published": {f"{r}/{o}": {"mean": m, "sd": sd} for (r, o), (m, sd) in PUBLISHED.items()},
+        "published_note": "the reproduction's Table 1: mean over the last 50 of 1200 epochs, 3 runs, "
+                          "reparameterised gradients, each objective under its own bound",
         "figures": {"fig5": ppath.name, "fig6": fig6_path.name},
     }
+    mpath = jpath.with_suffix(".md")
+    payload["report"] = mpath.name
     write_json(jpath, payload)
+    mpath.write_text(markdown(payload))
     for k, row in t1.items():
         parts = [f"{b} bound {row[f'{b}_bound']['mean']:.2f} +- {row[f'{b}_bound']['sd_pooled']:.2f}"
                  for b in ("tmc", "iwae") if f"{b}_bound" in row]
@@ -644,7 +760,7 @@ def main(argv=None) -> dict:
               "per 60k epoch (extrapolated)")
     for k, v in f6["tmc_over_iwae"].items():
         print(f"Fig. 6 TMC/IWAE {k}: {v:.2f}")
-    print(f"wrote {jpath}" + ("" if a.no_plots else f", {ppath} and {fig6_path}"))
+    print(f"wrote {jpath}, {mpath}" + ("" if a.no_plots else f", {ppath} and {fig6_path}"))
     return payload
 
 

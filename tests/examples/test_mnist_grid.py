@@ -51,6 +51,9 @@ def test_quick_grid_writes_figures_table_and_fig6(grid, tmp_path):
                                                   "small/dregs"}
     for k, w in data["fig5_y_windows"].items():
         assert w[0] < w[1]
+    md = (tmp_path / "mnist_grid_quick.md").read_text()
+    assert data["report"] == "mnist_grid_quick.md" and "## Table 1" in md and "## Fig. 6" in md
+    assert set(data["fig5_comparisons"]) == {"factorised/reparam", "small/reparam", "factorised/dregs", "small/dregs"}
 
 
 def test_resumed_runs_equal_uninterrupted_ones_and_complete_runs_are_skipped(grid, tmp_path):
@@ -231,3 +234,30 @@ def test_fig5_window_follows_the_longest_run_of_a_panel(grid, tmp_path):
         lo, hi = w[panel]
         assert -97.0 < lo <= -96.0 and -95.5 < hi < -95.0, (panel, lo, hi)  # epochs 30-40 of the long runs only
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_comparisons_and_markdown_report(grid):
+    tmc = {"epochs": [5, 10, 15], "seeds": 1, "tmc": [-110.0, -104.0, -101.0], "iwae": [-111.0, -105.5, -102.25]}
+    iwae = {"epochs": [5, 10], "seeds": 1, "tmc": [-109.5, -104.5], "iwae": [-109.75, -104.6]}
+    comp = grid.comparisons({"large/stl/tmc": tmc, "large/stl/iwae": iwae})
+    c = comp["large/stl"]
+    assert [r["epoch"] for r in c["rows"]] == [5, 10]  # only epochs both runs evaluated
+    r5, r10 = c["rows"]
+    assert r5["lead"] == pytest.approx(-110.0 - -109.5) and r10["lead"] == pytest.approx(-104.0 - -104.5)
+    assert r10["gap_b"] == pytest.approx(-104.5 - -104.6) and r10["gap_c"] == pytest.approx(-104.0 - -105.5)
+    assert c["last_epoch"] == 10 and c["fig5a_tmc_trained_ahead_at_last"] is True
+    assert c["fig5a_evaluations_ahead"] == 1 and c["evaluations"] == 2
+    assert c["fig5bc_gap_b_below_gap_c_at_last"] is True
+
+    t1 = {"large/stl/tmc": {"seeds": 1, "tmc_bound": {"mean": -101.5, "sd_pooled": 0.7, "epochs": [10, 15]},
+                            "iwae_bound": {"mean": -103.0, "sd_pooled": 0.9, "epochs": [10, 15]}},
+          "small/reparam/iwae": {"seeds": 3, "iwae_bound": {"mean": -97.5, "sd_pooled": 0.6, "epochs": [30, 50]}}}
+    f6 = {"per_run_group": {"large/stl/tmc": {"cpu_s_per_epoch": 80.0, "epochs_measured": 15, "host_cpus": ["X"]},
+                            "large/stl/iwae": {"cpu_s_per_epoch": 64.0, "epochs_measured": 10, "host_cpus": ["X"]}},
+          "tmc_over_iwae": {"large/stl": 1.25}, "note": "n"}
+    md = grid.markdown({"setting": "s", "command": "c", "budget": {"last": 2}, "table1": t1, "fig6": f6,
+                        "fig5_comparisons": comp})
+    assert "| large | stl | 1/0 | 10-15 | -101.50 +- 0.70 | - | -103.00 +- 0.90 | - | - / - |" in md
+    assert "| small | reparam | 0/3 | 30-50 | - | - | - | -97.50 +- 0.60 | -91.63 +- 0.16 / -93.35 +- 0.12 |" in md
+    assert "| large | stl | 10 | -104.00 | -104.50 | +0.50 | -105.50 | -104.60 | +0.10 | +1.50 |" in md
+    assert "| large | stl | 80.0 | 64.0 | 1.25 | 15 / 10 | X |" in md
