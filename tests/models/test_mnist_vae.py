@@ -274,10 +274,21 @@ def test_epoch_time_benchmark_quick(tiny_mnist, tmp_path):
     payload = bench.main(["--quick", "--data", str(tiny_mnist), "--out", str(tmp_path)])
     assert (tmp_path / "mnist_epoch_time_quick.json").exists() and (tmp_path / "mnist_epoch_time_quick.png").exists()
     rows = payload["contenders"]
-    assert set(rows) == {f"{o}-{g}" for o in ("iwae", "tmc") for g in ("reparam", "stl", "dregs")} | {
-        "tmc-reparam-paired"}
+    assert set(rows) == {f"small/{o}-{g}" for o in ("iwae", "tmc") for g in ("reparam", "stl", "dregs")} | {
+        "small/tmc-reparam-paired"}
     assert all(r["step_seconds"]["median"] > 0 and math.isfinite(r["last_objective"]) for r in rows.values())
     assert payload["threads"]["torch_threads"] == 1
+    two = bench.main(["--quick", "--data", str(tiny_mnist), "--out", str(tmp_path), "--recognition",
+                      "factorised,large", "--repeats", "1"])
+    rows = two["contenders"]
+    assert "factorised/tmc-reparam-paired" not in rows and "large/tmc-reparam-paired" in rows
+    f6 = two["fig6"]["epoch_seconds_mean_over_recognition_models"]
+    assert f6["tmc/stl"] == pytest.approx((rows["factorised/tmc-stl"]["epoch_seconds_extrapolated"]
+                                           + rows["large/tmc-stl"]["epoch_seconds_extrapolated"]) / 2)
+    assert set(two["tmc_over_iwae_step_ratio"]) == {f"{r}/{g}" for r in ("factorised", "large")
+                                                   for g in ("reparam", "stl", "dregs")}
+    with pytest.raises(tg.TMCGraphError, match="--recognition.*medium"):
+        bench.main(["--quick", "--data", str(tiny_mnist), "--out", str(tmp_path), "--recognition", "small,medium"])
 
 
 def test_tmc_vs_iwae_benchmark_quick(tiny_mnist, tmp_path):
