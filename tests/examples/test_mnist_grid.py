@@ -261,3 +261,18 @@ def test_comparisons_and_markdown_report(grid):
     assert "| small | reparam | 0/3 | 30-50 | - | - | - | -97.50 +- 0.60 | -91.63 +- 0.16 / -93.35 +- 0.12 |" in md
     assert "| large | stl | 10 | -104.00 | -104.50 | +0.50 | -105.50 | -104.60 | +0.10 | +1.50 |" in md
     assert "| large | stl | 80.0 | 64.0 | 1.25 | 15 / 10 | X |" in md
+
+
+def test_eval_last_adds_evaluations_and_changes_no_training(grid, tmp_path):
+    plain = grid.main(_argv(tmp_path / "a", "--epochs", "5", "--eval-every", "5", "--limit-train", "32"))
+    dense = grid.main(_argv(tmp_path / "b", "--epochs", "5", "--eval-every", "5", "--eval-last", "2",
+                            "--limit-train", "32"))
+    for p, want in ((plain, [5]), (dense, [4, 5])):
+        for r in p["runs"]:
+            assert [m["epoch"] for m in r["metrics"] if "test_tmc" in m] == want
+    for r0, r1 in zip(plain["runs"], dense["runs"]):
+        assert [m["train_objective"] for m in r0["metrics"]] == [m["train_objective"] for m in r1["metrics"]]
+        assert r0["metrics"][-1]["test_tmc"] == r1["metrics"][-1]["test_tmc"]
+    assert dense["table1"]["small/reparam/tmc"]["tmc_bound"]["epochs"] == [4, 5]
+    with pytest.raises(tg.TMCGraphError, match="--eval-last"):
+        grid.main(_argv(tmp_path / "c", "--eval-last", "-1"))
