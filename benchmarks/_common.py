@@ -424,11 +424,14 @@ def no_distribution_validation() -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``; exit with a message if it is a CUDA device and CUDA is unavailable."""
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: torch.cuda.is_available() is False on this machine")
-    return dev
+    """``torch.device(name)``, checked to exist here; exit with a message if it is not a device or unavailable."""
+    from tmcgraph.errors import TMCGraphError
+    from tmcgraph.sampling.context import resolve_device as resolve
+
+    try:
+        return resolve(name, "--device")
+    except TMCGraphError as e:
+        raise SystemExit(str(e)) from None
 
 
 def synchronize(device) -> None:

@@ -20,6 +20,7 @@ import torch
 import tmcgraph as tg
 from tmcgraph.contrib.threads import torch_threads
 from tmcgraph.models.toys import gaussian_toy, gaussian_toy_data, gaussian_toy_log_evidence
+from tmcgraph.sampling.context import resolve_device
 
 
 def _positive(s: str) -> int:
@@ -38,7 +39,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        resolve_device(a.device, "--device")
+    except tg.TMCGraphError as e:
+        p.error(str(e))
+    return a
 
 
 def run(method, model, proposal, x, K, reps, seed, device):

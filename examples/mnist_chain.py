@@ -77,6 +77,7 @@ from tmcgraph.data import mnist as mnist_data  # noqa: E402
 from tmcgraph.infer.objectives import GRADS, Loss, bound, objective  # noqa: E402
 from tmcgraph.infer.subsample import is_subsampled, subsample  # noqa: E402
 from tmcgraph.models import mnist_vae  # noqa: E402
+from tmcgraph.sampling.context import resolve_device  # noqa: E402
 from tmcgraph.sampling.couplings import COUPLINGS  # noqa: E402
 from tmcgraph.sampling.samplers import draw_sample  # noqa: E402
 
@@ -166,6 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise tg.TMCGraphError(f"{option(name)} must be a positive integer, got {v}")
     if a.seed < 0:
         raise tg.TMCGraphError(f"--seed must be a non-negative integer, got {a.seed}")
+    resolve_device(a.device, "--device")  # an unavailable device is refused before any data is read
     if not a.lr > 0:
         raise tg.TMCGraphError(f"--lr must be positive, got {a.lr}")
     if a.distributed and a.grad == "dregs":

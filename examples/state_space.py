@@ -47,6 +47,7 @@ from torch.distributions import Normal
 import tmcgraph as tg
 from tmcgraph.contrib.threads import torch_threads
 from tmcgraph.infer.smc import SMC
+from tmcgraph.sampling.context import resolve_device
 
 A = 0.9  #: AR(1) coefficient
 Q = 0.5  #: transition noise sd
@@ -88,6 +89,10 @@ def parse_args(argv=None):
     a.T = base[0] if a.T is None else a.T
     a.K = base[1] if a.K is None else a.K
     a.seeds = base[2] if a.seeds is None else a.seeds
+    try:
+        resolve_device(a.device, "--device")
+    except tg.TMCGraphError as e:
+        p.error(str(e))
     return a
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 
@@ -27,3 +28,17 @@ def test_gaussian_toy_example_rejects_bad_arguments():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "gaussian_toy.py"), "--K", "0"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "must be a positive integer" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["gaussian_toy.py", "state_space.py", "mnist_chain.py"])
+@pytest.mark.parametrize("device, message", [("gpu0", "is not a torch device"),
+                                             pytest.param("cuda:7", "is not available on this machine",
+                                                          marks=pytest.mark.skipif(
+                                                              torch.cuda.device_count() > 7, reason="8 GPUs"))])
+def test_examples_refuse_a_device_they_cannot_use(script, device, message, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--device", device,
+                          *(["--data", str(tmp_path), "--out", str(tmp_path / "o")] if script == "mnist_chain.py"
+                            else [])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"--device={device!r} {message}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

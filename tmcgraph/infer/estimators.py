@@ -28,7 +28,7 @@ from ..ops.factor import FactorGraph
 from ..ops.paths import get_optimizer
 from ..ops.plan import Plan, plan_for
 from ..particles import Samples
-from ..sampling.context import Context
+from ..sampling.context import Context, resolve_device
 from ..sampling.couplings import Coupling, Joint
 from ..sampling.draw import couplings_of, draw
 from .factors import factor_graph
@@ -120,7 +120,7 @@ class TMC:
         self.K = int(K)
         self.strategy = strategy
         self.memory_limit = memory_limit
-        self.device = None if device is None else torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.compile = compile
         #: The estimator's programs (:class:`tmcgraph.infer.program.ProgramCache`).

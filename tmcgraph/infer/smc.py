@@ -53,7 +53,7 @@ import torch
 from ..errors import TMCGraphError
 from ..model import Model, Proposal, check_inference_inputs
 from ..particles import check_batch_shape, place
-from ..sampling.context import Context
+from ..sampling.context import Context, resolve_device
 from ..sampling.data import bind_data
 from ..sampling.densities import log_prob
 from .subsample import plate_scales
@@ -211,7 +211,7 @@ class SMC:
         self.seq_plate = seq_plate
         self.resampling = resampling
         self.ess_threshold = thr
-        self.device = None if device is None else torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self._schedule = self._make_schedule()
 

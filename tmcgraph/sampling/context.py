@@ -29,7 +29,44 @@ from ..errors import TMCGraphError
 from .reflect import cast_dist
 from .samplers import draw_sample
 
-__all__ = ["Context"]
+__all__ = ["Context", "resolve_device"]
+
+
+def _parse_device(device, what: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TMCGraphError(f"{what}={device!r} is not a torch device ({e})") from None
+
+
+def resolve_device(device, what: str = "device") -> Optional[torch.device]:
+    """``torch.device(device)``, checked to exist on this machine (``None`` stays ``None``).
+
+    A device other than the CPU (or ``meta``) is checked by allocating an empty tensor
+    on it, so an unavailable one (``"cuda"`` with a CPU-only torch, ``"cuda:3"`` on a
+    one-GPU machine) is refused where it is given, not at the first tensor of a call.
+
+    Args:
+        device: A ``torch.device``, a device string or ``None``.
+        what: The argument's name in the error message.
+
+    Raises:
+        TMCGraphError: If ``device`` is not a device, or is not available here.
+    """
+    if device is None:
+        return None
+    dev = _parse_device(device, what)
+    if dev.type in ("cpu", "meta"):
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        hint = ""
+        if dev.type == "cuda":
+            hint = (f"; torch.cuda.is_available() is {torch.cuda.is_available()}, "
+                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)")
+        raise TMCGraphError(f"{what}={device!r} is not available on this machine ({e}){hint}") from None
+    return dev
 
 
 class Context:
@@ -60,7 +97,7 @@ class Context:
     def __init__(self, device=None, dtype: Optional[torch.dtype] = None, seed=None, memory_limit=None, split=None):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TMCGraphError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.device = None if device is None else torch.device(device)
+        self.device = None if device is None else _parse_device(device, "device")
         self.dtype = dtype
         self.memory_limit = None if memory_limit is None else int(memory_limit)
         self.split = None if split is None else (str(split[0]), int(split[1]))
