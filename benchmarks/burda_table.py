@@ -230,7 +230,7 @@ def markdown(tab: dict, payload: dict) -> str:
     head = ["# stoch. layers", "k", "VAE NLL", "VAE active", "IWAE NLL", "IWAE active"]
     head += ["TMC NLL", "TMC active"] if has_tmc else []
     head += ["published VAE NLL (active)", "published IWAE NLL (active)"]
-    lines = [f"Setting: {payload['setting']}", "",
+    lines = [f"Setting: {payload['setting']}", "", f"Command: `{payload['command']}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(c):

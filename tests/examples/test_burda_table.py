@@ -32,6 +32,7 @@ def test_quick_table_markdown_and_schedule(table, tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     data = json.loads((tmp_path / "burda_table_quick.json").read_text())
     md = (tmp_path / "burda_table_quick.md").read_text()
+    assert f"Command: `{data['command']}`" in md
     assert (tmp_path / "burda_table_quick.png").exists()
     keys = sorted(r["key"] for r in data["runs"])
     assert keys == sorted(["L1-vae_1-seed0", "L1-iwae_3-seed0", "L1-piwae_2_2-seed0", "L2-vae_1-seed0",
