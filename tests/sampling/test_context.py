@@ -8,13 +8,13 @@ import tmcgraph as tg
 from tmcgraph.sampling.context import Context, resolve_device
 
 
-def _pair():
+def _pair(plate="data"):
     m = tg.Model()
-    m.plate("data", size=3)
-    m.latent("z", lambda: Normal(0.0, 1.0), plate="data")
-    m.observed("x", lambda z: Normal(z, 1.0), plate="data")
+    m.plate(plate, size=3)
+    m.latent("z", lambda: Normal(0.0, 1.0), plate=plate)
+    m.observed("x", lambda z: Normal(z, 1.0), plate=plate)
     q = tg.Proposal(m)
-    q.latent("z", lambda: Normal(0.0, 2.0), plate="data")
+    q.latent("z", lambda: Normal(0.0, 2.0), plate=plate)
     return m, q
 
 
@@ -43,12 +43,7 @@ def test_an_unavailable_device_is_refused_at_construction(cls):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_smc_refuses_an_unavailable_device():
-    m = tg.Model()
-    m.plate("t", size=3)
-    m.latent("z", lambda: Normal(0.0, 1.0), plate="t")
-    m.observed("x", lambda z: Normal(z, 1.0), plate="t")
-    q = tg.Proposal(m)
-    q.latent("z", lambda: Normal(0.0, 1.0), plate="t")
+    m, q = _pair("t")
     with pytest.raises(tg.TMCGraphError, match="not available"):
         tg.SMC(m, q, K=4, seq_plate="t", device="cuda:1")
 
