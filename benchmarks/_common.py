@@ -426,10 +426,9 @@ def no_distribution_validation() -> dict:
 def resolve_device(name: str) -> torch.device:
     """``torch.device(name)``, checked to exist here; exit with a message if it is not a device or unavailable."""
     from tmcgraph.errors import TMCGraphError
-    from tmcgraph.sampling.context import resolve_device as resolve
 
     try:
-        return resolve(name, "--device")
+        return cli_device(name)
     except TMCGraphError as e:
         raise SystemExit(str(e)) from None
 
@@ -857,12 +856,9 @@ def run_cli(main: Callable, argv: Optional[list] = None, prog: Optional[str] = N
 
 def cli_device(name: str) -> torch.device:
     """:func:`resolve_device` for drivers whose errors are ``TMCGraphError`` (one ``error:`` line)."""
-    from tmcgraph.errors import TMCGraphError
+    from tmcgraph.sampling.context import resolve_device as resolve
 
-    try:
-        return resolve_device(name)
-    except SystemExit as e:
-        raise TMCGraphError(str(e)) from None
+    return resolve(name, "--device")
 
 
 def check_rng_device(run: str, folder, trained_on: str, device) -> None:
