@@ -297,7 +297,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--eval-k", type=int, default=None, help="samples of the NLL estimate L_K (default 5000)")
     p.add_argument("--au-samples", type=int, default=100, help="draws of lower layers for higher layers' means")
-    p.add_argument("--max-elements", type=int, default=2**24, help="largest logits tensor of the evaluation")
+    p.add_argument("--max-elements", type=int, default=2**22, help="largest logits tensor of the evaluation")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--data", default=None, help="MNIST directory (default $TMCGRAPH_DATA)")

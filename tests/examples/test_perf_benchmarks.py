@@ -222,3 +222,14 @@ def test_densities_benchmark_alternates_contenders_and_restores_the_kernel(tmp_p
         assert row["torch_over_fused"] > 0 and row["max_relative_difference"] <= 1e-4
     with pytest.raises(Exception, match="unknown"):
         _module("perf_densities").main(["--quick", "--out", str(tmp_path), "--workloads", "op-gpu"])
+
+
+def test_burda_evaluation_chunking_benchmark_runs(tmp_path):
+    _, data = _run("perf_burda_eval", tmp_path)
+    assert [r["layers"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert set(row["speedup_over_reference"]) == set(data["contenders"])
+        assert row["speedup_over_reference"][data["reference"]] == 1.0
+        assert all(s["n"] == 2 for s in row["cpu_s_per_image"].values())
+    with pytest.raises(Exception, match="--layers"):
+        _module("perf_burda_eval").main(["--quick", "--out", str(tmp_path), "--layers", "3"])
