@@ -261,7 +261,8 @@ def test_comparisons_and_markdown_report(grid):
     assert "| small | reparam | 0/3 | 30-50 | - | - | - | -97.50 +- 0.60 | -91.63 +- 0.16 / -93.35 +- 0.12 |" in md
     assert "| large | stl | 10 | -104.00 | -104.50 | +0.50 | -105.50 | -104.60 | +0.10 | +1.50 |" in md
     assert "| large | stl | 80.0 | 64.0 | 1.25 | 15 / 10 | X |" in md
-    assert "| large | stl | 10 | +0.50 | yes (1 of 2 evaluations) | +0.10 | +1.50 | yes |" in md
+    assert ("| large | stl | 10 | -104.00 | -104.50 | +0.50 | yes (1 of 2 evaluations) | -105.50 | -104.60 | "
+            "+0.10 | +1.50 | yes |") in md
 
 
 def test_eval_last_adds_evaluations_and_changes_no_training(grid, tmp_path):
