@@ -462,12 +462,13 @@ def markdown(payload: dict) -> str:
     for key, c in comp.items():
         rec, grad = key.split("/")
         r = c["rows"][-1]
-        ahead = "yes" if c["fig5a_tmc_trained_ahead_at_last"] else "no"
+        ahead, b_below_c = ("yes" if c[k] else "no" for k in ("fig5a_tmc_trained_ahead_at_last",
+                                                             "fig5bc_gap_b_below_gap_c_at_last"))
         lines.append(f"| {rec} | {grad} | {c['last_epoch']} | {r['tmc_trained_tmc']:.2f} | "
                      f"{r['iwae_trained_tmc']:.2f} | {r['lead']:+.2f} | {ahead} "
                      f"({c['fig5a_evaluations_ahead']} of {c['evaluations']} evaluations) | "
                      f"{r['tmc_trained_iwae']:.2f} | {r['iwae_trained_iwae']:.2f} | {r['gap_b']:+.2f} | "
-                     f"{r['gap_c']:+.2f} | {'yes' if c['fig5bc_gap_b_below_gap_c_at_last'] else 'no'} |")
+                     f"{r['gap_c']:+.2f} | {b_below_c} |")
     lines += ["", "## Fig. 6: seconds per training epoch (median over measured epochs)", "",
               "| recognition | estimator | TMC | IWAE | TMC / IWAE per step | epochs measured (TMC / IWAE) | CPU |",
               "|---|---|---|---|---|---|---|"]
